@@ -1,0 +1,1 @@
+"""The study driver: Tune + Optuna wiring, MLflow tracking, Pareto analysis, config export."""
