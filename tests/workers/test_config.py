@@ -1,0 +1,69 @@
+"""Trial config: defaults round-trip through YAML; every bad field is one line naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.config import ConfigError, TrialConfig, load_trial_config, parse_trial_config
+
+
+def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
+    config = parse_trial_config({"loss": {"name": "cosface", "hyperparameters": {"margin": 0.3}},
+                                 "head": {"sample_ratio": 0.25, "sampling": "batch"}})
+    path = tmp_path / "trial.yaml"
+    path.write_text(config.to_yaml())
+    assert load_trial_config(path) == config
+    assert config.loss.build().margin == 0.3
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"head": {"sample_ratio": 0}}, "t.yaml: head.sample_ratio = 0 must be a number in (0.0, 1.0]"),
+    ({"head": {"sample_ratio": 1.5}}, "head.sample_ratio = 1.5 must be a number in (0.0, 1.0]"),
+    ({"head": {"sampling": "topk"}}, "head.sampling = 'topk' is not one of ['uniform', 'batch']"),
+    ({"head": {"chunk_size": 0}}, "head.chunk_size = 0 must be an integer in [1, 16777216]"),
+    ({"epochs": "two"}, "epochs = 'two' must be an integer in [1, 100000]"),
+    ({"resources": {"num_workers": -1}}, "resources.num_workers = -1 must be an integer in [1,"),
+    ({"optim": {"head_lr": -1}}, "optim.head_lr = -1 must be a number in (0.0, 10.0]"),
+    ({"optim": {"optimizer": "lamb"}}, "optim.optimizer = 'lamb' is not one of ['sgd', 'adamw']"),
+    ({"model": {"backbone": "vgg"}}, "model.backbone = 'vgg': not one of ['small_cnn'"),
+    ({"loss": {"name": "arcfac"}}, "loss: unknown loss 'arcfac'; known: ['arcface'"),
+    ({"loss": {"name": "arcface", "hyperparameters": {"margin": 1.7}}},
+     "loss: arcface.margin = 1.7 rad is outside [0, 1.2]"),
+    ({"loss": {"name": "arcface", "hyperparameters": {"m": 1}}},
+     "loss: arcface: unknown hyperparameter(s) ['m']"),
+    ({"head": {"ratio": 0.1}}, "head.ratio is not a known field; allowed: ['chunk_size',"),
+    ({"version": 2}, "version = 2 is not one of [1]"),
+    ({"batch_size": 10, "optim": {"grad_accumulation": 3}},
+     "config: batch_size = 10 is not divisible by optim.grad_accumulation = 3"),
+])
+def test_bad_field_is_one_line_naming_it(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_trial_config(data, "t.yaml")
+    assert len(error.value.lines) == 1
+    assert expected in error.value.lines[0]
+
+
+def test_all_errors_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_trial_config({"head": {"sample_ratio": 0, "sampling": "x"}, "epochs": 0}, "t.yaml")
+    assert len(error.value.lines) == 3
+    assert all(line.startswith("t.yaml: ") for line in error.value.lines)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_trial_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: must be a mapping of fields, got list"):
+        load_trial_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_trial_config(tmp_path / "bad.yaml")
+
+
+def test_config_is_frozen() -> None:
+    config = TrialConfig()
+    with pytest.raises(ValueError, match="frozen"):
+        config.epochs = 3  # type: ignore[misc]

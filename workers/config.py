@@ -1,0 +1,244 @@
+"""The trial config: the versioned, validated object a study hands to every worker.
+
+The same YAML format is what a study exports and what ``python -m workers.train --config``
+runs. Validation collects every error at once; each is one line naming the source, the field,
+the value and the allowed range, e.g.
+``trial.yaml: head.sample_ratio = 0 is outside (0, 1]``.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.backbones import BACKBONES
+from workers.losses import MarginLoss, build_loss
+
+CONFIG_VERSION = 1
+
+Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """Every problem of a config, one line each."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LossSpec(_Strict):
+    """A registered loss and its hyperparameters (validated by the loss itself)."""
+
+    name: str = "arcface"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _build(self) -> LossSpec:
+        try:
+            build_loss(self.name, **self.hyperparameters)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        return self
+
+    def build(self) -> MarginLoss:
+        """The loss object."""
+        return build_loss(self.name, **self.hyperparameters)
+
+
+class HeadSpec(_Strict):
+    """The distributed sampled-softmax head."""
+
+    sample_ratio: Probability = 1.0
+    sampling: Literal["uniform", "batch"] = "uniform"
+    chunk_size: Annotated[int, Field(ge=1, le=1 << 24)] = 8192
+    unsampled_rows: Literal["dense", "frozen"] = "dense"
+
+
+class ModelSpec(_Strict):
+    """The backbone and its embedding."""
+
+    backbone: str = "small_cnn"
+    embedding_dim: Annotated[int, Field(ge=2, le=8192)] = 128
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    width: Annotated[int, Field(ge=4, le=1024)] = 32
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"not one of {list(BACKBONES)}")
+        return value
+
+
+class OptimSpec(_Strict):
+    """Optimizer, schedule and step mechanics."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.1
+    head_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 5e-4
+    schedule: Literal["cosine", "polynomial"] = "cosine"
+    poly_power: Annotated[float, Field(gt=0.0, le=10.0)] = 2.0
+    warmup_epochs: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+    grad_clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] | None = 5.0
+    grad_accumulation: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
+class ResourcesSpec(_Strict):
+    """How a trial is scaled."""
+
+    num_workers: Annotated[int, Field(ge=1, le=4096)] = 2
+    cpus_per_worker: Annotated[float, Field(gt=0.0, le=1024.0)] = 0.45
+    gpus_per_worker: Annotated[float, Field(ge=0.0, le=16.0)] = 0.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class EvaluationSpec(_Strict):
+    """Open-set verification on held-out identities."""
+
+    num_pairs: Annotated[int, Field(ge=20, le=10_000_000)] = 3000
+    flip: bool = False
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 512
+
+
+class TrialConfig(_Strict):
+    """Everything one trial (or one production training run) needs."""
+
+    version: Literal[1] = CONFIG_VERSION
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 2
+    batch_size: Annotated[int, Field(ge=2, le=1 << 20)] = 128
+    loss: LossSpec = Field(default_factory=LossSpec)
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    data: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrialConfig:
+        accumulation = self.optim.grad_accumulation
+        if self.batch_size % accumulation:
+            raise ValueError(f"batch_size = {self.batch_size} is not divisible by "
+                             f"optim.grad_accumulation = {accumulation}")
+        if self.batch_size // accumulation < 2:
+            raise ValueError(f"batch_size / optim.grad_accumulation = "
+                             f"{self.batch_size // accumulation} must be ≥ 2 (BatchNorm)")
+        return self
+
+    def to_yaml(self) -> str:
+        """The YAML text ``load_trial_config`` reads back unchanged."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_trial_config(data: Any, source: str = "trial config") -> TrialConfig:
+    """Validate a mapping; every problem becomes one line of a ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: must be a mapping of fields, got {type(data).__name__}"])
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, TrialConfig, source)) from None
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Read and validate a trial config YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML ({str(error).splitlines()[0]})"]) from None
+    return parse_trial_config(data, str(path))
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel],
+                            source: str) -> list[str]:
+    """One line per pydantic error: ``source: field = value <what is allowed>``."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        field = _field_info(model, item["loc"])
+        value = item.get("input")
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(model, item["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            lines.append(f"{source}: {location} is not a known field; allowed: {allowed}")
+        elif item["type"] == "missing":
+            lines.append(f"{source}: {location} is required")
+        elif field is not None and (allowed := _allowed(field)):
+            lines.append(f"{source}: {location} = {value!r} {allowed}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            where = location or "config"
+            if not isinstance(value, dict | list):
+                where = f"{where} = {value!r}"
+            lines.append(f"{source}: {where}: {message}")
+    return lines
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        current = _model_type(field.annotation)
+        if current is None:
+            return None
+    return current
+
+
+def _model_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _field_info(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    parent = _model_at(model, loc[:-1]) if loc else None
+    if parent is None or not isinstance(loc[-1], str):
+        return None
+    return parent.model_fields.get(loc[-1])
+
+
+def _allowed(field: Any) -> str:
+    """'is outside (0, 1]' / 'is not one of [...]' from a field's annotation and constraints."""
+    low, high, low_open, high_open = None, None, False, False
+    annotation, constraints = field.annotation, list(field.metadata)
+    options = () if typing.get_origin(annotation) is Literal else typing.get_args(annotation)
+    for option in options:
+        if typing.get_origin(option) is Annotated:
+            annotation = typing.get_args(option)[0]
+            for extra in option.__metadata__:
+                constraints += getattr(extra, "metadata", [extra])
+    for constraint in constraints:
+        if isinstance(constraint, annotated_types.Gt):
+            low, low_open = constraint.gt, True
+        elif isinstance(constraint, annotated_types.Ge):
+            low = constraint.ge
+        elif isinstance(constraint, annotated_types.Lt):
+            high, high_open = constraint.lt, True
+        elif isinstance(constraint, annotated_types.Le):
+            high = constraint.le
+    if low is not None or high is not None:
+        kind = "an integer" if annotation is int else "a number"
+        left = f"{'(' if low_open else '['}{low if low is not None else '-inf'}"
+        right = f"{high if high is not None else 'inf'}{')' if high_open else ']'}"
+        return f"must be {kind} in {left}, {right}"
+    if typing.get_origin(field.annotation) is Literal:
+        return f"is not one of {list(typing.get_args(field.annotation))}"
+    return ""
