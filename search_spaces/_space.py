@@ -1,0 +1,307 @@
+"""Search-space files: load, validate (every error at once), convert to Optuna.
+
+A space file (schema version 1)::
+
+    version: 1
+    name: arcface              # the family; unique per study
+    loss: arcface              # a registered loss (workers.losses)
+    description: ...           # optional
+    fixed:                     # trial-config values every trial of this space shares
+      loss: {scale: 64}        # loss hyperparameters
+      head: {chunk_size: 4096} # any other trial-config section
+    params:                    # what the searcher samples, by dotted trial-config key
+      loss.margin:       {distribution: uniform, low: 0.2, high: 0.6}
+      head.sample_ratio: {distribution: log_uniform, low: 0.05, high: 1.0}
+      head.sampling:     {distribution: categorical, choices: [uniform, batch]}
+      model.width:       {distribution: int, low: 16, high: 64, step: 16}
+
+``loss.*`` ranges must lie inside the loss's allowed domain; every other key is checked by
+validating trial configs built from the range's end points (or each choice).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from workers.config import ConfigError, parse_trial_config
+from workers.losses import Choice, Interval, get_loss_class
+
+SPACE_VERSION = 1
+DISTRIBUTIONS = ("uniform", "log_uniform", "int", "categorical")
+_TOP_LEVEL = {"version", "name", "loss", "description", "fixed", "params"}
+_SPEC_KEYS = {
+    "uniform": {"distribution", "low", "high"},
+    "log_uniform": {"distribution", "low", "high"},
+    "int": {"distribution", "low", "high", "step", "log"},
+    "categorical": {"distribution", "choices"},
+}
+
+
+class SpaceError(ValueError):
+    """Every problem of one space file, one line each."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One searched trial-config key and its distribution."""
+
+    key: str
+    distribution: str
+    low: float | None = None
+    high: float | None = None
+    step: int = 1
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def to_optuna(self) -> optuna.distributions.BaseDistribution:
+        """The equivalent Optuna distribution (bounds inclusive, as in Optuna)."""
+        if self.distribution == "categorical":
+            return optuna.distributions.CategoricalDistribution(self.choices)
+        if self.distribution == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high),
+                                                        log=self.log, step=self.step)
+        return optuna.distributions.FloatDistribution(
+            float(self.low), float(self.high), log=self.distribution == "log_uniform")
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        """Ask ``trial`` for this parameter under ``name``."""
+        if self.distribution == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.distribution == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=self.step,
+                                     log=self.log)
+        return trial.suggest_float(name, float(self.low), float(self.high),
+                                   log=self.distribution == "log_uniform")
+
+    def end_points(self) -> list[Any]:
+        """The values a range can reach at its extremes (or every choice)."""
+        if self.distribution == "categorical":
+            return list(self.choices)
+        if self.distribution == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated space: the loss, the shared values and the searched parameters."""
+
+    name: str
+    loss: str
+    fixed: Mapping[str, Any]
+    params: tuple[Parameter, ...]
+    path: str
+    description: str = ""
+
+    def distributions(self, prefix: str = "") -> dict[str, optuna.distributions.BaseDistribution]:
+        """Optuna distributions by parameter name (``prefix + key``)."""
+        return {prefix + p.key: p.to_optuna() for p in self.params}
+
+    def suggest(self, trial: optuna.Trial, prefix: str = "") -> dict[str, Any]:
+        """Sample every parameter on ``trial`` (define-by-run); returns ``{key: value}``."""
+        return {p.key: p.suggest(trial, prefix + p.key) for p in self.params}
+
+    def trial_config(self, values: Mapping[str, Any], base: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any]:
+        """A trial-config mapping: ``base``, then ``fixed``, then the sampled ``values``."""
+        config = _deep_merge(dict(base or {}), _fixed_as_config(self.loss, self.fixed))
+        for key, value in values.items():
+            _set_dotted(config, key, value)
+        return config
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate one space file; raises ``SpaceError`` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError([f"{path}: no such search-space file"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpaceError([f"{path}: not valid YAML ({str(error).splitlines()[0]})"]) from None
+    return parse_space(data, str(path))
+
+
+def load_spaces(paths: Iterable[str | Path]) -> list[SearchSpace]:
+    """Load several spaces; all their errors together, and family names must be unique."""
+    spaces, lines = [], []
+    for path in paths:
+        try:
+            spaces.append(load_space(path))
+        except SpaceError as error:
+            lines += error.lines
+    names = [space.name for space in spaces]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        lines.append(f"space name {name!r} is used by more than one file")
+    if lines:
+        raise SpaceError(lines)
+    return spaces
+
+
+def shipped_space_files() -> list[Path]:
+    """Every space file shipped with marginlab."""
+    return sorted(Path(__file__).parent.glob("*.yaml"))
+
+
+def parse_space(data: Any, source: str) -> SearchSpace:
+    """Validate a space mapping; every problem is one line ``source: key: problem``."""
+    if not isinstance(data, dict):
+        raise SpaceError([f"{source}: must be a mapping, got {type(data).__name__}"])
+    errors: list[str] = []
+    for key in sorted(set(data) - _TOP_LEVEL):
+        errors.append(f"{source}: {key}: unknown top-level key; allowed: {sorted(_TOP_LEVEL)}")
+    if data.get("version") != SPACE_VERSION:
+        errors.append(f"{source}: version = {data.get('version')!r} must be {SPACE_VERSION}")
+    name, loss = data.get("name"), data.get("loss")
+    if not isinstance(name, str) or not name.isidentifier():
+        errors.append(f"{source}: name = {name!r} must be an identifier (letters, digits, _)")
+    try:
+        loss_class = get_loss_class(loss) if isinstance(loss, str) else None
+        if loss_class is None:
+            errors.append(f"{source}: loss = {loss!r} must be a registered loss name")
+    except KeyError as error:
+        errors.append(f"{source}: loss: {error.args[0]}")
+        loss_class = None
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        errors.append(f"{source}: fixed must be a mapping, got {type(fixed).__name__}")
+        fixed = {}
+    raw_params = data.get("params") or {}
+    if not isinstance(raw_params, dict) or not raw_params:
+        errors.append(f"{source}: params must be a non-empty mapping of key: distribution")
+        raw_params = {}
+    params = []
+    for key, spec in raw_params.items():
+        parameter, spec_errors = _parse_parameter(str(key), spec, source)
+        errors += spec_errors
+        if parameter is not None:
+            params.append(parameter)
+    if loss_class is not None:
+        errors += _check_against_trial_config(loss_class.name, fixed, params, source)
+    if errors:
+        raise SpaceError(errors)
+    return SearchSpace(name, loss, fixed, tuple(params), source, data.get("description", ""))
+
+
+def _parse_parameter(key: str, spec: Any, source: str) -> tuple[Parameter | None, list[str]]:
+    where = f"{source}: params.{key}"
+    if not isinstance(spec, dict):
+        return None, [f"{where}: must be a mapping with a 'distribution'"]
+    kind = spec.get("distribution")
+    if kind not in DISTRIBUTIONS:
+        return None, [f"{where}.distribution = {kind!r} is not one of {list(DISTRIBUTIONS)}"]
+    errors = [f"{where}.{extra}: unknown field for {kind}; allowed: {sorted(_SPEC_KEYS[kind])}"
+              for extra in sorted(set(spec) - _SPEC_KEYS[kind])]
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return None, [*errors, f"{where}.choices = {choices!r} must be a non-empty list"]
+        if len({repr(c) for c in choices}) != len(choices):
+            errors.append(f"{where}.choices = {choices!r} has duplicates")
+        return (None if errors else Parameter(key, kind, choices=tuple(choices))), errors
+    low, high = spec.get("low"), spec.get("high")
+    integer = kind == "int"
+    for bound, value in (("low", low), ("high", high)):
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or not math.isfinite(value):
+            errors.append(f"{where}.{bound} = {value!r} must be a finite "
+                          f"{'integer' if integer else 'number'}")
+    if errors:
+        return None, errors
+    if low > high:
+        errors.append(f"{where}: low <= high must hold, but got low = {low}, high = {high}")
+    log = kind == "log_uniform" or bool(spec.get("log", False))
+    if log and low <= 0:
+        errors.append(f"{where}.low = {low} must be > 0 for a log scale")
+    step = spec.get("step", 1)
+    if integer and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+        errors.append(f"{where}.step = {step!r} must be an integer ≥ 1")
+    elif integer and log and step != 1:
+        errors.append(f"{where}: step = {step} cannot be combined with log: true")
+    if errors:
+        return None, errors
+    return Parameter(key, kind, low=low, high=high, step=step, log=log), []
+
+
+def _check_against_trial_config(loss: str, fixed: Mapping[str, Any],
+                                params: list[Parameter], source: str) -> list[str]:
+    """Check ``loss.*`` against the loss's domains and everything else via trial configs."""
+    errors: list[str] = []
+    loss_class = get_loss_class(loss)
+    domains = {spec.name: (spec.domain, spec.unit) for spec in loss_class.hyperparameters()}
+    base = _fixed_as_config(loss, fixed)
+    try:
+        parse_trial_config(base, f"{source}: fixed")
+    except ConfigError as error:
+        return list(error.lines)
+    for parameter in params:
+        where = f"{source}: params.{parameter.key}"
+        section, _, field = parameter.key.partition(".")
+        if section == "loss":
+            if field not in domains:
+                errors.append(f"{where}: {loss} has no hyperparameter {field!r}; "
+                              f"allowed: {sorted(domains)}")
+                continue
+            domain, unit = domains[field]
+            unit = f" {unit}" if unit else ""
+            for value in parameter.end_points():
+                if not _in_domain(domain, value):
+                    errors.append(f"{where}: {value!r}{unit} is outside {loss}.{field}'s "
+                                  f"allowed range {domain}")
+            if isinstance(domain, Interval) and domain.integer and parameter.distribution in (
+                    "uniform", "log_uniform"):
+                errors.append(f"{where}: {loss}.{field} is an integer; use distribution: int")
+            continue
+        for value in parameter.end_points():
+            config = _deep_merge(dict(base), {})
+            _set_dotted(config, parameter.key, value)
+            try:
+                parse_trial_config(config, where)
+            except ConfigError as error:
+                errors += [line for line in error.lines if line not in errors]
+    return errors
+
+
+def _in_domain(domain: Interval | Choice, value: Any) -> bool:
+    if isinstance(domain, Choice):
+        return domain.contains(value)
+    return not isinstance(value, bool) and isinstance(value, int | float) and domain.contains(value)
+
+
+def _fixed_as_config(loss: str, fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """``fixed`` as a trial-config mapping (``fixed.loss`` holds hyperparameters)."""
+    config = {key: value for key, value in fixed.items() if key != "loss"}
+    config["loss"] = {"name": loss, "hyperparameters": dict(fixed.get("loss") or {})}
+    return config
+
+
+def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b`` in a nested mapping; ``loss.x`` lands in the loss's hyperparameters."""
+    parts = key.split(".")
+    if parts[0] == "loss":
+        parts = ["loss", "hyperparameters", *parts[1:]]
+    node = config
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: (_deep_merge({}, v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = _deep_merge({}, value) if isinstance(value, Mapping) else value
+    return merged
