@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 MarginGrad = Literal["true", "detached"]
 MARGIN_GRAD_CHOICES: tuple[str, ...] = ("true", "detached")
@@ -43,8 +42,9 @@ class Interval:
         return above and value <= self.high
 
     def __str__(self) -> str:
-        kind = "integers in " if self.integer else ""
-        return f"{kind}{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.integer:
+            return f"{{{self.low:g}, …, {self.high:g}}}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,19 @@ class Choice:
     options: tuple[Any, ...]
 
     def contains(self, value: Any) -> bool:
-        return value in self.options
+        # same type as well as equal: 1 == True, but 1 is not a valid bool option
+        return any(type(value) is type(o) and value == o for o in self.options)
 
     def __str__(self) -> str:
         return "{" + ", ".join(repr(o) for o in self.options) + "}"
 
 
 Domain = Interval | Choice
+
+
+def softplus(z: torch.Tensor) -> torch.Tensor:
+    """``log(1 + e^z)`` to full precision (``F.softplus`` turns linear past 20: error 2e-9)."""
+    return torch.logaddexp(z, torch.zeros_like(z))
 
 
 def hyperparameter(default: Any, domain: Domain, unit: str = "", doc: str = "") -> Any:
@@ -150,7 +156,7 @@ class MarginLoss:
 
     def combine(self, positive: torch.Tensor, lse_negative: torch.Tensor) -> torch.Tensor:
         """Per-sample loss from ``P`` and ``LSE(N)``: ``softplus(LSE(N) − P)`` (cross-entropy)."""
-        return F.softplus(lse_negative - positive)
+        return softplus(lse_negative - positive)
 
     def virtual_logit(self, target: Target) -> torch.Tensor | None:
         """An extra negative logit per row (only Virtual Softmax has one)."""
@@ -178,8 +184,12 @@ class MarginLoss:
         return positive
 
     def clamp_cos(self, cos: torch.Tensor) -> torch.Tensor:
-        """Clamp a cosine to ``[−1 + ε, 1 − ε]`` (finite √(1 − c²) and arccos gradients)."""
-        return cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
+        """Clamp a cosine to ``[−1 + ε, 1 − ε]`` (finite √(1 − c²) and arccos gradients).
+
+        ε is at least the dtype's resolution: 1 − 1e-7 rounds to 1 in bfloat16 and float16.
+        """
+        eps = max(self.eps, torch.finfo(cos.dtype).eps)
+        return cos.clamp(-1.0 + eps, 1.0 - eps)
 
     def describe(self) -> str:
         """``name(field=value, ...)`` for logs."""
@@ -196,7 +206,7 @@ def _check_value(loss_name: str, spec: HyperparameterSpec, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(
-            f"{where} = {value!r} must be a {'integer' if domain.integer else 'number'} "
+            f"{where} = {value!r} must be {'an integer' if domain.integer else 'a number'} "
             f"in {domain}"
         )
     if domain.integer and not float(value).is_integer():

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ._base import Interval, MarginLoss, Target, hyperparameter
+from ._base import Interval, MarginLoss, Target, hyperparameter, softplus
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class DSoftmax(MarginLoss):
         return self.scale * target.logit
 
     def combine(self, positive: torch.Tensor, lse_negative: torch.Tensor) -> torch.Tensor:
-        intra = F.softplus(self.scale * self.d - positive)
-        inter = F.softplus(lse_negative)
+        intra = softplus(self.scale * self.d - positive)
+        inter = softplus(lse_negative)
         return self.w_intra * intra + self.w_inter * inter
 

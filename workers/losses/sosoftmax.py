@@ -14,7 +14,7 @@ from ._base import Interval, MarginGrad, MarginLoss, Target, hyperparameter, mar
 class SOSoftmax(MarginLoss):
     """SO-softmax: the positive cosine is pushed towards its goal 1, negatives above a goal g_n.
 
-    Formula (ours): P = s·(c_y − λ_p·(1 − c_y)²), N_j = s·(c_j + λ_n·max(0, c_j − g_n)²),
+    Formula: (ours) P = s·(c_y − λ_p·(1 − c_y)²), N_j = s·(c_j + λ_n·max(0, c_j − g_n)²),
     L = softplus(LSE_{j≠y}(N) − P). Only the paper's abstract was available, which describes a
     generalised softmax whose positive and negative cosines pass through quadratic, goal-based
     transforms; this form is marginlab's reading of it: it reduces to NormFace at

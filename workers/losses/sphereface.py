@@ -16,7 +16,7 @@ def chebyshev(cos: torch.Tensor, degree: int) -> torch.Tensor:
     previous, current = torch.ones_like(cos), cos
     if degree == 0:
         return previous
-    for _ in range(degree - 1):
+    for _ in range(int(degree) - 1):
         previous, current = current, 2.0 * cos * current - previous
     return current
 

@@ -1,0 +1,73 @@
+"""Tune ↔ Train: a Tune function trainable per trial that runs one ``TorchTrainer``.
+
+Ray's ``TuneReportCallback`` can deadlock when the driver consumes results slowly (two
+producers into a size-1 queue). Here a Train callback running in the Train controller puts
+rank 0's metrics into a Ray queue, and the trial's main thread is the only caller of
+``tune.report`` while ``trainer.fit()`` runs in a helper thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray import tune
+from ray.util.queue import Empty, Queue
+
+from workers.config import parse_trial_config
+from workers.train import build_trainer
+
+#: how long the trial thread waits on the queue before checking whether training ended
+POLL_SECONDS = 0.5
+
+
+class ForwardReports(ray.train.UserCallback):
+    """In the Train controller: forward rank 0's metrics (+ checkpoint path) to the trial."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: ray.train.Checkpoint | None) -> None:
+        extra = {"checkpoint_path": checkpoint.path} if checkpoint is not None else {}
+        self.queue.put({**metrics[0], **extra})
+
+
+@dataclass(frozen=True)
+class TrialRunner:
+    """The function trainable: ``config = {"space_name": ..., "trial": <trial config>}``."""
+
+    storage_path: str
+    study_name: str
+    max_failures: int = 1
+
+    def __call__(self, config: dict[str, Any]) -> None:
+        trial = parse_trial_config(config["trial"], "sampled trial config")
+        context = tune.get_context()
+        queue: Queue = Queue(actor_options={"num_cpus": 0})
+        trainer = build_trainer(
+            trial, Path(self.storage_path) / "train" / self.study_name,
+            name=context.get_trial_id(), callbacks=[ForwardReports(queue)],
+            max_failures=self.max_failures)
+        outcome: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as error:  # re-raised in the trial thread below
+                outcome["error"] = error
+
+        thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+        thread.start()
+        while thread.is_alive() or not queue.empty():
+            try:
+                metrics = queue.get(timeout=POLL_SECONDS)
+            except Empty:
+                continue
+            tune.report({**metrics, "space_name": config["space_name"]})
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]

@@ -1,0 +1,219 @@
+"""One study end to end: MLflow parent run, Tuner + OptunaSearch + ASHA, Pareto front, export.
+
+``run_study(options)`` expects validated options (``study.run`` validates everything before
+Ray starts). Resources: each trial takes ``TRIAL_CPUS`` for its driver function and its Train
+workers ``cpus_per_worker`` each, in their own placement group; concurrency is capped so that
+every admitted trial's workers fit at once (a Train run waits for all its workers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from search_spaces import SearchSpace
+from study.bridge import TrialRunner
+from study.pareto import (
+    best_at_budget,
+    completed_points,
+    export_configs,
+    non_dominated,
+    write_front,
+)
+from study.progress import ProgressTable
+from study.searcher import ACCURACY, MODES, OBJECTIVES, SpaceSampler, StudySearch, build_sampler
+from study.tracking import STUDY_TAG, ChildRunCallback, RetryingClient
+
+logger = logging.getLogger(__name__)
+
+#: CPU of each trial's own function (it only waits on the Train run)
+TRIAL_CPUS = 0.1
+#: Ray Train polls worker health this often (the 2 s default adds ~1.3 s per report)
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """Everything a study needs, already validated."""
+
+    name: str
+    spaces: tuple[SearchSpace, ...]
+    base: dict[str, Any]
+    num_trials: int
+    max_concurrent: int
+    epochs: int
+    num_workers: int
+    cpus_per_worker: float
+    sampler: str
+    seed: int
+    scheduler: str
+    tracking_uri: str
+    storage_path: Path
+    output: Path
+    budget_fraction: float
+    resume: bool
+    ray_address: str | None = None
+    cli_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def study_dir(self) -> Path:
+        return self.storage_path / self.name
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.study_dir / 'optuna.db'}"
+
+
+@dataclass
+class StudyResult:
+    """What the study produced."""
+
+    parent_run_id: str
+    experiment_id: str
+    trials: int
+    front: list[dict[str, Any]]
+    best_at_budget: dict[str, Any] | None
+    exported: list[str]
+    artifacts: list[str]
+    wall_seconds: float
+
+
+def concurrency_limit(options: StudyOptions, cluster_cpus: float) -> int:
+    """Trials that fit at once: each needs TRIAL_CPUS + workers × cpus_per_worker."""
+    per_trial = TRIAL_CPUS + options.num_workers * options.cpus_per_worker
+    return max(1, min(options.max_concurrent, math.floor(cluster_cpus / per_trial + 1e-9)))
+
+
+def _versions() -> dict[str, str]:
+    names = ("marginlab", "ray", "torch", "optuna", "mlflow", "pyarrow")
+    out = {}
+    for name in names:
+        try:
+            out[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[f"version.{name}"] = "not installed"
+    return out
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def open_parent_run(options: StudyOptions) -> tuple[str, str]:
+    """The study's parent run: found again on ``--resume``, else created with its params."""
+    client = RetryingClient(options.tracking_uri)
+    experiment = client.call("get_experiment_by_name", options.name)
+    experiment_id = (experiment.experiment_id if experiment is not None
+                     else client.call("create_experiment", options.name))
+    if options.resume:
+        runs = client.call("search_runs", [experiment_id],
+                           filter_string=f"tags.`{STUDY_TAG}` = '{options.name}' and "
+                                         "tags.`marginlab.role` = 'parent'")
+        if runs:
+            run_id = runs[0].info.run_id
+            client.call("update_run", run_id, status="RUNNING")
+            return experiment_id, run_id
+    run = client.call("create_run", experiment_id, run_name=f"study-{options.name}",
+                      tags={STUDY_TAG: options.name, "marginlab.role": "parent",
+                            "marginlab.git_revision": _git_revision()})
+    run_id = run.info.run_id
+    params = {**{f"cli.{k}": str(v) for k, v in options.cli_args.items()}, **_versions(),
+              "spaces": ",".join(space.name for space in options.spaces),
+              "optuna.storage": options.optuna_url}
+    for key, value in params.items():
+        client.call("log_param", run_id, key, value[:6000])
+    for space in options.spaces:
+        client.call("log_artifact", run_id, space.path, "spaces")
+    return experiment_id, run_id
+
+
+def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
+                cluster_cpus: float) -> tune.Tuner:
+    """The Tuner (or the restored one on ``--resume`` when Tune's state exists)."""
+    import optuna
+
+    trainable = tune.with_resources(
+        TrialRunner(str(options.storage_path), options.name), {"cpu": TRIAL_CPUS})
+    if options.resume and tune.Tuner.can_restore(str(options.study_dir / "tune")):
+        return tune.Tuner.restore(str(options.study_dir / "tune"), trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    searcher = StudySearch(
+        space=SpaceSampler(options.spaces, options.base), metric=list(OBJECTIVES),
+        mode=list(MODES), sampler=build_sampler(options.sampler, options.seed),
+        study_name=options.name, storage=optuna.storages.RDBStorage(options.optuna_url),
+        epochs=options.epochs)
+    scheduler = (ASHAScheduler(metric=ACCURACY, mode="max", max_t=options.epochs,
+                               grace_period=1, reduction_factor=2)
+                 if options.scheduler == "asha" and options.epochs > 1 else FIFOScheduler())
+    callbacks = [ChildRunCallback(options.tracking_uri, experiment_id, parent_run_id,
+                                  options.name, options.epochs),
+                 ProgressTable(options.epochs)]
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=options.num_trials,
+                                    max_concurrent_trials=concurrency_limit(options,
+                                                                            cluster_cpus)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(options.study_dir),
+                                  callbacks=callbacks, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def run_study(options: StudyOptions) -> StudyResult:
+    """Run the study; returns the front and where everything was written."""
+    import ray
+
+    started = time.perf_counter()
+    os.environ.update(RAY_ENV)
+    options.study_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(options.tracking_uri)
+    experiment_id, parent_run_id = open_parent_run(options)
+    if not ray.is_initialized():
+        ray.init(address=options.ray_address, log_to_driver=False,
+                 runtime_env={"env_vars": RAY_ENV})
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    tuner = build_tuner(options, experiment_id, parent_run_id, cluster_cpus)
+    grid = tuner.fit()
+    client = MlflowClient(options.tracking_uri)
+    points = completed_points(client, experiment_id, parent_run_id)
+    front = non_dominated(points)
+    best = best_at_budget(points, options.budget_fraction)
+    artifact_dir = options.output / options.name
+    artifacts = write_front(front, points, artifact_dir)
+    exported = export_configs(client, front, best, artifact_dir / "configs")
+    retrying = RetryingClient(options.tracking_uri)
+    for path in artifacts:
+        retrying.call("log_artifact", parent_run_id, str(path), "pareto")
+    for path in exported:
+        retrying.call("log_artifact", parent_run_id, str(path), "configs")
+    wall = time.perf_counter() - started
+    retrying.call("log_metric", parent_run_id, "study_wall_seconds", wall)
+    retrying.call("log_metric", parent_run_id, "trials", len(grid))
+    retrying.call("set_terminated", parent_run_id, "FINISHED")
+    summary = StudyResult(
+        parent_run_id, experiment_id, len(grid),
+        [{"run_id": p.run_id, "space": p.space, ACCURACY: p.accuracy, "flops": p.flops}
+         for p in front],
+        None if best is None else {"run_id": best.run_id, "space": best.space,
+                                   ACCURACY: best.accuracy, "flops": best.flops},
+        [str(p) for p in exported], [str(p) for p in artifacts], wall)
+    (artifact_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary

@@ -1,0 +1,203 @@
+"""MLflow, written by the driver only: one parent run per study, one child run per trial.
+
+Child runs carry the tag ``mlflow.parentRunId`` (the UI nests them), the trial id
+(``marginlab.trial_id``: a resumed study finds its runs again instead of duplicating them), the
+trial config as ``trial.yaml`` and params named by side — ``intra.*`` (what shapes the positive
+logit), ``inter.*`` (what shapes the negatives), ``head.*``, ``optim.*``, then ``model.*``,
+``data.*``, ``trial.*``. Metrics are logged with one ``log_batch`` per result, at step = epoch.
+
+Tracking-store trouble: every write is retried with exponential back-off; a write that still
+fails is kept in an in-memory queue, in order, and flushed before the next write and at the end
+of the study — so a Tune result is never dropped while the store is briefly unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray import tune
+
+from study.searcher import trial_outcome
+
+logger = logging.getLogger(__name__)
+
+TRIAL_ID_TAG = "marginlab.trial_id"
+STUDY_TAG = "marginlab.study"
+OUTCOME_TAG = "marginlab.outcome"
+SPACE_TAG = "marginlab.space"
+
+#: loss hyperparameters that shape the positive (intra-class) logit or term
+INTRA = {"margin", "m1", "m2", "m3", "d", "w_intra", "lambda_p", "lambda_base", "lambda_min",
+         "lambda_gamma", "lambda_power", "margin_grad"}
+#: loss hyperparameters that shape the negatives (inter-class) term
+INTER = {"w_inter", "lambda_n", "goal_n", "normalized"}
+#: head fields that decide which negatives exist
+INTER_HEAD = {"sample_ratio", "sampling"}
+#: metrics that are not numbers, or that Tune adds and a study does not need
+_SKIPPED_METRICS = {"checkpoint_path", "space_name", "trial_id", "date", "hostname", "node_ip",
+                    "pid", "experiment_tag", "done", "config"}
+
+
+def side_params(trial: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten a trial config into MLflow params named by side (values as strings)."""
+    params: dict[str, Any] = {"head.loss": trial["loss"]["name"]}
+    for key, value in trial["loss"]["hyperparameters"].items():
+        side = "intra" if key in INTRA else "inter" if key in INTER else "head"
+        params[f"{side}.{key}"] = value
+    for key, value in trial["head"].items():
+        params[f"{'inter' if key in INTER_HEAD else 'head'}.{key}"] = value
+    for section in ("optim", "model", "resources", "evaluation", "data"):
+        for key, value in _flatten(trial.get(section, {})).items():
+            params[f"{section}.{key}"] = value
+    for key in ("epochs", "batch_size", "seed", "version"):
+        params[f"trial.{key}"] = trial[key]
+    return {key: str(value)[:6000] for key, value in params.items()}
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The result's finite-or-not numeric entries (booleans excluded), by name."""
+    return {key: float(value) for key, value in result.items()
+            if key not in _SKIPPED_METRICS and isinstance(value, int | float)
+            and not isinstance(value, bool)}
+
+
+class RetryingClient:
+    """``MlflowClient`` calls with back-off, and an ordered queue for writes that still fail."""
+
+    def __init__(self, tracking_uri: str, attempts: int = 4, first_delay: float = 0.5) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.attempts, self.first_delay = attempts, first_delay
+        self.pending: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``client.method(*args)`` now, retrying; raises after the last attempt."""
+        return _retry(lambda: getattr(self.client, method)(*args, **kwargs), self.attempts,
+                      self.first_delay)
+
+    def write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """A write that must not be lost: flush the queue, then write (queueing on failure)."""
+        self.pending.append((method, args, kwargs))
+        self.flush(raise_errors=False)
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Send queued writes in order; stop at the first that still fails."""
+        while self.pending:
+            method, args, kwargs = self.pending[0]
+            try:
+                self.call(method, *args, **kwargs)
+            except Exception as error:
+                logger.warning("MLflow write %s deferred (%d queued): %s", method,
+                               len(self.pending), error)
+                if raise_errors:
+                    raise
+                return
+            self.pending.pop(0)
+
+
+def _retry(operation: Callable[[], Any], attempts: int, first_delay: float) -> Any:
+    """``operation()``, retried ``attempts − 1`` times after 1, 2, 4, … × ``first_delay`` s."""
+    for attempt in range(attempts - 1):
+        try:
+            return operation()
+        except Exception as error:
+            logger.info("MLflow call failed (attempt %d): %s", attempt + 1, error)
+            time.sleep(first_delay * 2**attempt)
+    return operation()
+
+
+class ChildRunCallback(tune.Callback):
+    """Tune callback (driver process): one MLflow child run per trial, never two."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 study_name: str, epochs: int) -> None:
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+        self.parent_run_id, self.study_name, self.epochs = parent_run_id, study_name, epochs
+        self._client: RetryingClient | None = None
+        self.run_ids: dict[str, str] = {}
+
+    @property
+    def client(self) -> RetryingClient:
+        if self._client is None:
+            self._client = RetryingClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment
+        return {**self.__dict__, "_client": None}
+
+    def _run_id(self, trial: Any) -> str:
+        trial_id = trial.trial_id
+        if trial_id in self.run_ids:
+            return self.run_ids[trial_id]
+        existing = self.client.call(
+            "search_runs", [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
+                          f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.write("update_run", run_id, status="RUNNING")
+        else:
+            run_id = self._create(trial)
+        self.run_ids[trial_id] = run_id
+        return run_id
+
+    def _create(self, trial: Any) -> str:
+        config = trial.config
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id,
+                STUDY_TAG: self.study_name, SPACE_TAG: config.get("space_name", ""),
+                MLFLOW_RUN_NAME: f"{config.get('space_name', 'trial')}-{trial.trial_id}"}
+        run = self.client.call("create_run", self.experiment_id, tags=tags,
+                               run_name=tags[MLFLOW_RUN_NAME])
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in side_params(config["trial"]).items()]
+        for start in range(0, len(params), 100):
+            self.client.write("log_batch", run_id, params=params[start:start + 100])
+        self.client.write("log_text", run_id, yaml.safe_dump(config["trial"], sort_keys=False),
+                          "trial.yaml")
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        run_id = self._run_id(trial)
+        timestamp = int(time.time() * 1000)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        metrics = [Metric(k, v, timestamp, step) for k, v in numeric_metrics(result).items()]
+        self.client.write("log_batch", run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, trial_outcome(trial.last_result, False, self.epochs))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "failed")
+
+    def _finish(self, trial: Any, outcome: str) -> None:
+        run_id = self._run_id(trial)
+        tags = [RunTag(OUTCOME_TAG, outcome)]
+        if outcome == "diverged":
+            step = (trial.last_result or {}).get("diverged_step", "")
+            tags += [RunTag("diverged", "true"), RunTag("diverged_step", str(step))]
+        self.client.write("log_batch", run_id, tags=tags)
+        status = {"complete": "FINISHED", "pruned": "KILLED"}.get(outcome, "FAILED")
+        self.client.write("set_terminated", run_id, status=status)
+
+    def on_experiment_end(self, trials: Iterable[Any], **info: Any) -> None:
+        self.client.flush()
