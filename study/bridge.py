@@ -9,7 +9,6 @@ rank 0's metrics into a Ray queue, and the trial's main thread is the only calle
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,38 +35,34 @@ class ForwardReports(ray.train.UserCallback):
         self.queue.put({**metrics[0], **extra})
 
 
-@dataclass(frozen=True)
-class TrialRunner:
-    """The function trainable: ``config = {"space_name": ..., "trial": <trial config>}``."""
+def run_trial(config: dict[str, Any], storage_path: str, study_name: str,
+              max_failures: int = 1) -> None:
+    """The function trainable: ``config = {"space_name": ..., "trial": <trial config>}``.
 
-    storage_path: str
-    study_name: str
-    max_failures: int = 1
+    Train runs under ``<storage_path>/train/<study_name>/<trial id>``; a worker that dies is
+    restarted from the last checkpoint up to ``max_failures`` times.
+    """
+    trial = parse_trial_config(config["trial"], "sampled trial config")
+    queue: Queue = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(trial, Path(storage_path) / "train" / study_name,
+                            name=tune.get_context().get_trial_id(),
+                            callbacks=[ForwardReports(queue)], max_failures=max_failures)
+    outcome: dict[str, Any] = {}
 
-    def __call__(self, config: dict[str, Any]) -> None:
-        trial = parse_trial_config(config["trial"], "sampled trial config")
-        context = tune.get_context()
-        queue: Queue = Queue(actor_options={"num_cpus": 0})
-        trainer = build_trainer(
-            trial, Path(self.storage_path) / "train" / self.study_name,
-            name=context.get_trial_id(), callbacks=[ForwardReports(queue)],
-            max_failures=self.max_failures)
-        outcome: dict[str, Any] = {}
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the trial thread below
+            outcome["error"] = error
 
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as error:  # re-raised in the trial thread below
-                outcome["error"] = error
-
-        thread = threading.Thread(target=fit, name="train-fit", daemon=True)
-        thread.start()
-        while thread.is_alive() or not queue.empty():
-            try:
-                metrics = queue.get(timeout=POLL_SECONDS)
-            except Empty:
-                continue
-            tune.report({**metrics, "space_name": config["space_name"]})
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
+    thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():
+        try:
+            metrics = queue.get(timeout=POLL_SECONDS)
+        except Empty:
+            continue
+        tune.report({**metrics, "space_name": config["space_name"]})
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]

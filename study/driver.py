@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from search_spaces import SearchSpace
-from study.bridge import TrialRunner
+from study.bridge import run_trial
 from study.pareto import (
     best_at_budget,
     completed_points,
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1
 #: Ray Train polls worker health this often (the 2 s default adds ~1.3 s per report)
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+#: no download progress bars in the study's output
+MLFLOW_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
     import optuna
 
     trainable = tune.with_resources(
-        TrialRunner(str(options.storage_path), options.name), {"cpu": TRIAL_CPUS})
+        tune.with_parameters(run_trial, storage_path=str(options.storage_path),
+                             study_name=options.name), {"cpu": TRIAL_CPUS})
     if options.resume and tune.Tuner.can_restore(str(options.study_dir / "tune")):
         return tune.Tuner.restore(str(options.study_dir / "tune"), trainable,
                                   resume_unfinished=True, resume_errored=True)
@@ -183,6 +186,7 @@ def run_study(options: StudyOptions) -> StudyResult:
 
     started = time.perf_counter()
     os.environ.update(RAY_ENV)
+    os.environ.update(MLFLOW_ENV)
     options.study_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(options.tracking_uri)
     experiment_id, parent_run_id = open_parent_run(options)
@@ -196,7 +200,7 @@ def run_study(options: StudyOptions) -> StudyResult:
     points = completed_points(client, experiment_id, parent_run_id)
     front = non_dominated(points)
     best = best_at_budget(points, options.budget_fraction)
-    artifact_dir = options.output / options.name
+    artifact_dir = options.output
     artifacts = write_front(front, points, artifact_dir)
     exported = export_configs(client, front, best, artifact_dir / "configs")
     retrying = RetryingClient(options.tracking_uri)

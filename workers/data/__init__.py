@@ -1,0 +1,82 @@
+"""Data: synthetic identities, image folders, RecordIO, ``.bin`` pairs, Omniglot, Parquet
+features; identity-disjoint splits; per-worker epoch sharding.
+
+The train loop needs ``parse_data_config`` (a dict → ``DataConfig``) → ``load_dataset`` →
+``DatasetSplit`` and ``epoch_batches``; the driver ``check_data_config``; the readers and
+writers are public for users and tests.
+"""
+
+from __future__ import annotations
+
+from ._dataset import (
+    DecodedDataset,
+    LabelledDataset,
+    TensorDataset,
+    decode_image,
+    derive_seed,
+    random_flip,
+)
+from ._image_folder import IMAGE_EXTENSIONS, load_image_folder
+from ._load import (
+    DataConfig,
+    DatasetSplit,
+    Source,
+    check_data_config,
+    load_dataset,
+    parse_data_config,
+)
+from ._omniglot import ALPHABETS, alphabet_of_class, load_omniglot, resolve_omniglot_path
+from ._pairs import PairSet, read_pairs_bin, write_pairs_bin
+from ._parquet import read_parquet_features, write_parquet_features
+from ._recordio import (
+    MAGIC,
+    RecordIOReader,
+    RecordIOWriter,
+    frame_record,
+    load_recordio,
+    pack_record,
+    read_property,
+    unpack_record,
+    write_recordio,
+)
+from ._split import epoch_batches, split_dataset, split_identities
+from ._synthetic import synthetic_identities
+
+__all__ = [
+    "ALPHABETS",
+    "IMAGE_EXTENSIONS",
+    "MAGIC",
+    "DataConfig",
+    "DatasetSplit",
+    "DecodedDataset",
+    "LabelledDataset",
+    "PairSet",
+    "RecordIOReader",
+    "RecordIOWriter",
+    "Source",
+    "TensorDataset",
+    "alphabet_of_class",
+    "check_data_config",
+    "decode_image",
+    "derive_seed",
+    "epoch_batches",
+    "frame_record",
+    "load_dataset",
+    "load_image_folder",
+    "load_omniglot",
+    "load_recordio",
+    "pack_record",
+    "parse_data_config",
+    "random_flip",
+    "read_pairs_bin",
+    "read_parquet_features",
+    "read_property",
+    "resolve_omniglot_path",
+    "split_dataset",
+    "split_identities",
+    "synthetic_identities",
+    "unpack_record",
+    "write_pairs_bin",
+    "write_parquet_features",
+    "write_recordio",
+]

@@ -1,0 +1,138 @@
+"""The data surface of the train loop: a validated ``DataConfig`` and ``load_dataset``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ._dataset import LabelledDataset
+from ._image_folder import load_image_folder
+from ._omniglot import alphabet_of_class, load_omniglot, resolve_omniglot_path
+from ._pairs import PairSet, read_pairs_bin
+from ._parquet import read_parquet_features
+from ._recordio import load_recordio
+from ._split import split_dataset
+from ._synthetic import synthetic_identities
+
+Source = Literal["synthetic", "image_folder", "recordio", "omniglot", "parquet"]
+_SYNTHETIC_ONLY = ("num_identities", "samples_per_identity", "difficulty", "heldout_identities")
+
+
+class DataConfig(BaseModel):
+    """Where the identities come from and how they are split.
+
+    ``synthetic`` (default, no path): ``num_identities`` train and ``heldout_identities``
+    held-out identities of ``samples_per_identity`` images at ``difficulty`` (0 = clean,
+    1 = tuned default). Other sources split their identities with ``heldout_fraction``
+    (omniglot holds out whole alphabets). ``image_size``/``channels`` are the decoded size of
+    image sources; ``flip`` turns on random horizontal flips of training images;
+    ``pair_files`` are ``.bin`` verification sets loaded beside the split.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Source = "synthetic"
+    path: str | None = None
+    seed: int = 0
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    flip: bool = False
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    num_identities: int = Field(500, ge=2)
+    samples_per_identity: int = Field(20, ge=2)
+    heldout_identities: int = Field(200, ge=2)
+    difficulty: float = Field(1.0, ge=0.0, le=4.0)
+    pair_files: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.source in ("image_folder", "recordio", "parquet") and not self.path:
+            raise ValueError(f"source {self.source!r} needs a path")
+        if self.source == "synthetic" and self.path:
+            raise ValueError("source 'synthetic' takes no path")
+        if self.source in ("synthetic", "omniglot", "parquet") and self.channels != 1:
+            raise ValueError(f"source {self.source!r} has one channel; got channels = "
+                             f"{self.channels}")
+        if self.source == "parquet" and self.flip:
+            raise ValueError("flip needs images; source 'parquet' holds feature vectors")
+        misplaced = (sorted(set(_SYNTHETIC_ONLY) & self.model_fields_set)
+                     if self.source != "synthetic" else
+                     sorted({"heldout_fraction"} & self.model_fields_set))
+        if misplaced:
+            raise ValueError(f"{misplaced} do not apply to source {self.source!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """Identity-disjoint ``train`` (labels in ``[0, num_classes)``) and ``heldout`` parts."""
+
+    train: LabelledDataset
+    heldout: LabelledDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    pairs: tuple[PairSet, ...] = field(default=())
+
+
+def parse_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
+    """Validate a plain dict; a bad one raises ``ValueError`` with one line per problem,
+    ``<source>.<field>: <message> (got <value>)``."""
+    try:
+        return DataConfig.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            field = ".".join(str(part) for part in (source, *problem["loc"]))
+            message = problem["msg"].removeprefix("Value error, ")
+            got = f" (got {problem['input']!r})" if problem["loc"] else ""
+            lines.append(f"{field}: {message}{got}")
+        raise ValueError("\n".join(lines)) from None
+
+
+def check_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
+    """``parse_data_config`` plus the cheap file checks a driver can do before starting Ray:
+    the data path (omniglot: the resolved npz) and every pair file exist. ``load_dataset``
+    validates the content."""
+    config = parse_data_config(data, source)
+    paths = [Path(path) for path in config.pair_files]
+    if config.source == "omniglot":
+        paths.append(resolve_omniglot_path(config.path))
+    elif config.path:
+        paths.append(Path(config.path))
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found ({source}.source = {config.source!r})")
+    return config
+
+
+def load_dataset(config: DataConfig) -> DatasetSplit:
+    """Load, validate and split the configured data; every input error is raised here."""
+    pairs = tuple(read_pairs_bin(path, config.image_size, config.channels)
+                  for path in config.pair_files)
+    if config.source == "synthetic":
+        common = {"difficulty": config.difficulty, "image_size": config.image_size,
+                  "seed": config.seed}
+        train = synthetic_identities(config.num_identities, config.samples_per_identity,
+                                     role="train", flip=config.flip, **common)
+        heldout = synthetic_identities(config.heldout_identities, config.samples_per_identity,
+                                       role="heldout", **common)
+    else:
+        groups = None
+        if config.source == "omniglot":
+            full = load_omniglot(resolve_omniglot_path(config.path), config.image_size)
+            groups = alphabet_of_class()
+        elif config.source == "image_folder":
+            full = load_image_folder(Path(config.path or ""), config.image_size,
+                                     config.channels)
+        elif config.source == "recordio":
+            full = load_recordio(Path(config.path or ""), config.image_size, config.channels)
+        else:
+            full = read_parquet_features(Path(config.path or ""))
+        train, heldout = split_dataset(full, config.heldout_fraction, config.seed, groups,
+                                       config.flip)
+    num_classes = int(torch.unique(train.labels).numel())
+    return DatasetSplit(train, heldout, num_classes, train.input_shape, pairs)

@@ -1,0 +1,23 @@
+"""The distributed, sampled, chunked softmax head (Partial FC for every loss of the zoo).
+
+``SampledSoftmaxHead(embedding_dim, num_classes, loss, sample_ratio, sampling, process_group)``
+then ``loss_value = head(local_embeddings, local_labels)``.
+"""
+
+from __future__ import annotations
+
+from ._function import ChunkedLSE
+from ._partition import HeadShard, partition_n_into_range
+from ._sampling import SampledClasses, derive_seed, sample_classes
+from .head import SampledSoftmaxHead, initial_rows
+
+__all__ = [
+    "ChunkedLSE",
+    "HeadShard",
+    "SampledClasses",
+    "SampledSoftmaxHead",
+    "derive_seed",
+    "initial_rows",
+    "partition_n_into_range",
+    "sample_classes",
+]

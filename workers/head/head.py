@@ -1,0 +1,312 @@
+"""The sampled, sharded, chunked softmax head: any loss of the zoo over many classes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from workers.losses import MarginLoss, Target
+
+from ._collectives import all_gather_rows, all_reduce_sum, gather_rows, local_rows, scatter_rows_sum
+from ._function import ChunkedLSE
+from ._partition import HeadShard, partition_n_into_range
+from ._sampling import SampledClasses, derive_seed, sample_classes
+
+Sampling = Literal["uniform", "batch"]
+UnsampledRows = Literal["dense", "frozen"]
+#: rows per block of the initial class centres; each block has its own seed
+INIT_BLOCK_ROWS = 4096
+#: standard deviation of the initial class centres (Partial FC's normal(0, 0.01))
+INIT_STD = 0.01
+#: logits per chunk with ``chunk_size=None``: ≈8 MiB of float32 on CPU (cache-sized), ≈128 MiB
+#: on accelerators (few kernel launches per step)
+AUTO_CHUNK_LOGITS = {"cpu": 2**21, "accelerator": 2**25}
+
+
+def initial_rows(seed: int, start: int, stop: int, dim: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the logical ``C × D`` initial centre matrix (float32, CPU).
+
+    Block ``b`` (rows ``[4096·b, 4096·(b+1))``) is ``0.01·N(0, 1)`` drawn from
+    ``derive_seed("init", seed, b)``, so the matrix does not depend on how it is sharded.
+    """
+    out = torch.empty(stop - start, dim)
+    for block in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
+        generator = torch.Generator().manual_seed(derive_seed("init", seed, block))
+        values = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator).mul_(INIT_STD)
+        first = block * INIT_BLOCK_ROWS
+        lo, hi = max(start, first), min(stop, first + INIT_BLOCK_ROWS)
+        out[lo - start : hi - start] = values[lo - first : hi - first]
+    return out
+
+
+def _identity(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+class SampledSoftmaxHead(nn.Module):
+    """Partial-FC softmax head: ``head(local_embeddings, local_labels) -> loss`` for any loss.
+
+    Math: with ``x̃``/``W̃`` normalised where ``loss`` says so, ``z_j = x̃·W̃_j``,
+    ``P = loss.positive_logit(Target(z_y, ‖x‖, ‖W_y‖, step))``,
+    ``LSE = log Σ_{j≠y, j ∈ S} exp(loss.phi(z_j))`` (joined by ``logaddexp`` with
+    ``loss.virtual_logit`` where there is one), loss ``= mean_i loss.combine(P_i, LSE_i)`` over
+    the *global* batch; ``S`` is the union over ranks of each shard's sample. It equals
+    ``reference_loss(loss, X, W, labels, step=step, classes=S)`` on the concatenated batch.
+
+    Distribution: ``process_group`` (explicit; ``None`` = one process, no collective even if
+    ``torch.distributed`` is initialised — pass ``torch.distributed.group.WORLD`` for the default
+    group) splits the classes into contiguous shards differing by at most one class; this
+    module's ``weight`` Parameter is only its shard. Embeddings and labels are all-gathered
+    (local batch sizes may differ, even be 0); every rank returns the same scalar.
+
+    Sampling per step: every class of the global batch in this shard is kept, filled up to
+    ``int(sample_ratio·shard_size)`` with uniform negatives without replacement
+    (``sampling='uniform'``), or only the batch's classes (``sampling='batch'``); seeded from
+    ``(seed, step, rank)``. ``last_sample`` holds this shard's sampled global class indices.
+
+    Unsampled rows (their gradient is exactly 0):
+
+    * ``unsampled_rows='dense'`` (default, insightface PartialFC_V2): the gradient is a dense
+      ``C_shard × D`` tensor with zero rows, so momentum and weight decay still move every row.
+    * ``unsampled_rows='frozen'`` (Partial FC v1): call ``attach_optimizer(optimizer)``; around
+      each ``optimizer.step()`` the rows not sampled since the previous step keep their weight
+      and their rows of every per-parameter state tensor shaped like the weight (rows of state
+      created by that step are zeroed). Cost per step: a copy of the unsampled rows of the
+      weight and of each such state tensor, saved before and written back after the step
+      (≈ (1 − r) × shard × (1 + #state tensors) elements of extra memory). Scalar state, e.g.
+      Adam's ``step`` (bias correction), is shared by all rows and still advances.
+
+    ``step``: pass it to ``forward``, or leave ``None`` to use ``step_count``, which every
+    training-mode forward that does so increments. It seeds the sampling and is ``Target.step``.
+
+    ``chunk_size``: classes per chunk of the log-sum-exp (peak extra memory O(B·chunk + B·D)
+    plus the dense shard gradient); ``None`` picks ``AUTO_CHUNK_LOGITS / B_global``. Under
+    autocast the chunk products run in the autocast dtype and the log-sum-exp in float32
+    (float64 inputs stay float64). Do not wrap the head in ``DistributedDataParallel``: its
+    weight is a shard and its gradients need no all-reduce.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        loss: MarginLoss,
+        sample_ratio: float = 1.0,
+        sampling: Sampling = "uniform",
+        process_group: dist.ProcessGroup | None = None,
+        chunk_size: int | None = None,
+        *,
+        seed: int = 0,
+        unsampled_rows: UnsampledRows = "dense",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim = {embedding_dim} must be >= 1")
+        if not 0.0 < sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio = {sample_ratio} must be in (0, 1]")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
+        if sampling not in ("uniform", "batch"):
+            raise ValueError(f"sampling = {sampling!r} must be one of {{'uniform', 'batch'}}")
+        if unsampled_rows not in ("dense", "frozen"):
+            raise ValueError(
+                f"unsampled_rows = {unsampled_rows!r} must be one of {{'dense', 'frozen'}}")
+        self.shard = HeadShard.from_num_classes(num_classes, process_group)
+        self.embedding_dim, self.num_classes, self.loss = embedding_dim, num_classes, loss
+        self.sample_ratio, self.sampling, self.chunk_size = sample_ratio, sampling, chunk_size
+        self.seed, self.unsampled_rows = seed, unsampled_rows
+        rows = initial_rows(seed, self.shard.start, self.shard.stop, embedding_dim)
+        self.weight = nn.Parameter(rows.to(device=device, dtype=dtype))
+        self.step_count = 0
+        self.last_sample: torch.Tensor | None = None
+        #: sums over this rank's rows of ``P`` and ``LSE(N)``, and this shard's sample size
+        #: (local, detached: a training loop reduces them across ranks when it reports)
+        self.last_statistics: dict[str, float] = {}
+        #: rows sampled since the last optimizer step (``unsampled_rows='frozen'``)
+        self.register_buffer("_touched", torch.zeros(self.shard.size, dtype=torch.bool,
+                                                     device=self.weight.device), persistent=False)
+        self._frozen: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def extra_repr(self) -> str:
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+                f"shard=[{self.shard.start}, {self.shard.stop}), loss={self.loss.describe()}, "
+                f"sample_ratio={self.sample_ratio}, sampling={self.sampling!r}, "
+                f"chunk_size={self.chunk_size}, unsampled_rows={self.unsampled_rows!r}")
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                step: int | None = None) -> torch.Tensor:
+        """The loss (same scalar on every rank) of this rank's rows joined with the others'."""
+        shard, loss = self.shard, self.loss
+        local_labels = local_labels.to(local_embeddings.device)
+        sizes = self._batch_sizes(local_embeddings, local_labels)
+        if step is None:
+            step = self.step_count
+            if self.training:
+                self.step_count += 1
+        acc = torch.float64 if local_embeddings.dtype == torch.float64 else torch.float32
+        x_hat = (F.normalize(local_embeddings, dim=1) if loss.normalize_embeddings
+                 else local_embeddings)
+        x_global = gather_rows(x_hat, sizes, shard)
+        labels = all_gather_rows(local_labels, sizes, shard)
+
+        generator = torch.Generator(device=self.weight.device)
+        generator.manual_seed(derive_seed("sample", self.seed, step, shard.rank))
+        num_sample = 0 if self.sampling == "batch" else int(self.sample_ratio * shard.size)
+        sample = sample_classes(labels, shard, num_sample, generator)
+        self.last_sample = sample.index + shard.start
+        if self.unsampled_rows == "frozen" and torch.is_grad_enabled():
+            self._touched[sample.index.to(self._touched.device)] = True
+
+        # LSE first: autograd then runs the (later-created) target branch first, so the target
+        # rows' sparse gradient is added in place into the LSE's dense shard gradient instead of
+        # a second dense C_shard × D tensor being allocated for the sum
+        lse = local_rows(self._negative_lse(x_global, sample), sizes, shard)
+        target_values = scatter_rows_sum(self._owned_targets(x_global, labels, sample, acc),
+                                         sizes, shard)
+        norm = local_embeddings.norm(dim=1).to(acc)
+        target = Target(logit=target_values[:, 0], embedding_norm=norm,
+                        weight_norm=target_values[:, 1], step=step)
+        virtual = loss.virtual_logit(target)
+        if virtual is not None:
+            lse = torch.logaddexp(lse, virtual)
+        positive = loss.positive_logit(target)
+        per_sample = loss.combine(positive, lse)
+        self.last_statistics = {
+            "positive_logit": float(positive.detach().sum()),
+            "negative_lse": float(lse.detach().clamp_min(-1e30).sum()),
+            "sampled_classes": float(len(sample.index)),
+        }
+        return all_reduce_sum(per_sample.sum() / sum(sizes), shard)
+
+    def _owned_targets(self, x_global: torch.Tensor, labels: torch.Tensor,
+                       sample: SampledClasses, acc: torch.dtype) -> torch.Tensor:
+        """(B_global, 2): ``[x̃·W̃_y, ‖W_y‖]`` for rows whose class is in this shard, else 0."""
+        owned = (sample.target >= 0).nonzero().squeeze(1)
+        w_y = F.embedding(labels[owned] - self.shard.start, self.weight, sparse=True)
+        w_hat_y = F.normalize(w_y, dim=1) if self.loss.normalize_weights else w_y
+        values = torch.stack([(x_global[owned].to(acc) * w_hat_y.to(acc)).sum(dim=1),
+                              w_y.to(acc).norm(dim=1)], dim=1)
+        return values.new_zeros((len(x_global), 2)).index_put((owned,), values)
+
+    def _negative_lse(self, x_global: torch.Tensor, sample: SampledClasses) -> torch.Tensor:
+        """The replicated (B_global,) ``LSE_{j≠y, j sampled}(φ(z_j))`` over every shard.
+
+        The base-class ``φ(z) = s·z`` is folded into the embeddings, ``s·(x̃·Ŵ) = (s·x̃)·Ŵ``:
+        one pass fewer over the B × K logits in forward and two in backward.
+        """
+        loss = self.loss
+        linear_phi = type(loss).phi is MarginLoss.phi
+        return ChunkedLSE.apply(x_global * loss.scale_value() if linear_phi else x_global,
+                                self.weight, sample.index, sample.target,
+                                _identity if linear_phi else loss.phi, loss.normalize_weights,
+                                self._chunk_size(x_global), self.shard,
+                                self._compute_dtype(x_global))
+
+    def _chunk_size(self, x: torch.Tensor) -> int:
+        """``chunk_size``, or the auto size: a fixed logit budget over the global batch rows."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        budget = AUTO_CHUNK_LOGITS["cpu" if x.device.type == "cpu" else "accelerator"]
+        return max(1, budget // len(x))
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The autocast dtype when autocast is on for ``x``'s device, else the promoted dtype."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return torch.promote_types(x.dtype, self.weight.dtype)
+
+    def _batch_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Every rank's local batch size; checks every rank's inputs so all ranks raise alike."""
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D (batch, {self.embedding_dim}), "
+                             f"got shape {tuple(embeddings.shape)}")
+        if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} "
+                             f"of shape {tuple(labels.shape)}")
+        bounds = torch.stack(labels.aminmax()) if len(labels) else labels.new_zeros(2)
+        meta = torch.cat([torch.tensor([len(embeddings), embeddings.shape[1], len(labels)],
+                                       device=labels.device), bounds.long()])
+        ranks = all_gather_rows(meta.unsqueeze(0), [1] * self.shard.world_size,
+                                self.shard).tolist()
+        for rank, (rows, width, count, low, high) in enumerate(ranks):
+            where = f" on rank {rank}" if self.shard.world_size > 1 else ""
+            if width != self.embedding_dim:
+                raise ValueError(f"embedding width {width}{where} != embedding_dim "
+                                 f"{self.embedding_dim}")
+            if count != rows:
+                raise ValueError(f"{rows} embeddings but {count} labels{where}")
+            bad = low if low < 0 else high
+            if not 0 <= bad < self.num_classes:
+                raise ValueError(f"label {bad}{where} outside [0, {self.num_classes})")
+        sizes = [row[0] for row in ranks]
+        if sum(sizes) == 0:
+            raise ValueError("the global batch is empty")
+        return sizes
+
+    # --- optimizer policy for unsampled rows ----------------------------------------------
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
+        """Apply ``unsampled_rows='frozen'`` around ``optimizer.step()``; no-op for ``'dense'``.
+
+        Returns the hook handles (``handle.remove()`` detaches them).
+        """
+        if self.unsampled_rows == "dense":
+            return []
+        if not any(p is self.weight for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("attach_optimizer: the optimizer does not hold this head's weight")
+        return [optimizer.register_step_pre_hook(self._save_unsampled),
+                optimizer.register_step_post_hook(self._restore_unsampled)]
+
+    def _row_tensors(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """The weight and every per-parameter optimizer state tensor shaped like it."""
+        state = optimizer.state.get(self.weight, {})
+        tensors = {key: value for key, value in state.items()
+                   if torch.is_tensor(value) and value.shape == self.weight.shape}
+        return {"": self.weight.data, **tensors}
+
+    def _save_unsampled(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        rows = (~self._touched).nonzero().squeeze(1)
+        self._frozen = (rows, {key: value[rows].clone()
+                               for key, value in self._row_tensors(optimizer).items()})
+
+    @torch.no_grad()
+    def _restore_unsampled(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if self._frozen is None:
+            return
+        rows, saved = self._frozen
+        for key, value in self._row_tensors(optimizer).items():
+            value[rows] = saved[key] if key in saved else 0
+        self._touched.zero_()
+        self._frozen = None
+
+    # --- the logical C × D matrix ------------------------------------------------------------
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The full ``num_classes × D`` centre matrix on every rank (collective; e.g. to save)."""
+        return self.gather_rows(self.weight)
+
+    @torch.no_grad()
+    def gather_rows(self, shard_rows: torch.Tensor) -> torch.Tensor:
+        """Join every rank's per-class rows (the weight, or optimizer state shaped like it)
+        into the logical ``num_classes × …`` tensor, on every rank (collective)."""
+        sizes = [stop - start for start, stop in
+                 partition_n_into_range(self.num_classes, self.shard.world_size)]
+        return all_gather_rows(shard_rows.detach(), sizes, self.shard).clone()
+
+    def local_rows(self, full_rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a logical ``num_classes × …`` tensor."""
+        return full_rows[self.shard.start : self.shard.stop].clone()
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor) -> None:
+        """Copy this rank's rows of a full ``num_classes × D`` matrix (any world size saved it)."""
+        if tuple(weight.shape) != (self.num_classes, self.embedding_dim):
+            raise ValueError(f"full weight of shape {tuple(weight.shape)} != "
+                             f"({self.num_classes}, {self.embedding_dim})")
+        self.weight.copy_(weight[self.shard.start : self.shard.stop])

@@ -1,0 +1,408 @@
+"""One trial inside Ray Train: ``train_loop_per_worker(config)`` for ``TorchTrainer``.
+
+Shape: ``setup`` (data shard, backbone under DDP, the shared head on the Train process group,
+optimizer, schedule, resume) → per epoch ``train_epoch`` → ``evaluate`` → ``report`` (metrics +
+checkpoint). Every worker runs the same code; only rank 0's metrics reach Tune, so per-rank
+figures (peak memory) are reduced before reporting.
+
+Gradient accumulation: ``optim.grad_accumulation`` micro-batches per optimizer step, each loss
+scaled by 1/accumulation, DDP gradient sync only on the last one. Each micro-batch samples its
+own negatives (the head is seeded per (seed, micro-step, rank)); the "frozen" unsampled-row
+policy then spares every row no micro-batch of the step sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workers.accounting import (
+    data_parallel_bytes_per_step,
+    head_bytes_per_step,
+    head_flops_per_sample,
+)
+from workers.backbones import build_backbone
+from workers.config import TrialConfig
+from workers.data import DatasetSplit, derive_seed, epoch_batches, load_dataset, parse_data_config
+from workers.evaluation import class_centre_statistics, evaluate_pair_set, evaluate_verification
+from workers.head import SampledSoftmaxHead
+
+CHECKPOINT_FILE = "state.pt"
+CONFIG_FILE = "trial.yaml"
+DIVERGED_FILE = "diverged.json"
+#: class statistics of the held-out embeddings, reported as ``heldout_<name>``
+HELDOUT_STATISTICS = ("intra_compactness", "inter_separation_mean", "inter_separation_p99")
+
+
+@dataclass
+class Runtime:
+    """Everything a worker holds between epochs."""
+
+    config: TrialConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    data: DatasetSplit
+    model: nn.Module
+    head: SampledSoftmaxHead
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    backbone_parameters: int
+    step: int = 0
+    epoch: int = 0
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The backbone without its DDP wrapper."""
+        return getattr(self.model, "module", self.model)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config = {"trial": <TrialConfig dict>, "resume_from": path?}``."""
+
+    runtime = setup(config)
+    for epoch in range(runtime.epoch, runtime.config.epochs):
+        metrics = train_epoch(runtime, epoch)
+        if metrics["diverged"]:
+            _report_divergence(runtime, metrics)
+            return
+        runtime.epoch = epoch + 1
+        state = checkpoint_state(runtime)
+        metrics.update(evaluate(runtime, state["head_weight"]))
+        report(runtime, metrics, state)
+
+
+def setup(config: dict[str, Any]) -> Runtime:
+    """Build the runtime on the Train context; resume from Train's or the given checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    trial = TrialConfig.model_validate(config["trial"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    group = dist.group.WORLD if dist.is_initialized() and world_size > 1 else None
+    runtime = build_runtime(trial, rank, world_size, ray.train.torch.get_device(), group)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_checkpoint(runtime, Path(directory))
+    elif config.get("resume_from"):
+        load_checkpoint(runtime, Path(config["resume_from"]))
+    return runtime
+
+
+def build_runtime(trial: TrialConfig, rank: int, world_size: int, device: torch.device,
+                  group: dist.ProcessGroup | None) -> Runtime:
+    """Data, backbone (DDP when distributed), head on ``group``, optimizer and schedule."""
+    torch.manual_seed(trial.seed)
+    data = load_dataset(parse_data_config(trial.data))
+    backbone = build_backbone(trial.model.backbone, trial.model.embedding_dim, data.input_shape,
+                              dropout=trial.model.dropout, width=trial.model.width).to(device)
+    model: nn.Module = backbone
+    if group is not None:
+        model = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None)
+    head = SampledSoftmaxHead(
+        trial.model.embedding_dim, data.num_classes, trial.loss.build(),
+        sample_ratio=trial.head.sample_ratio, sampling=trial.head.sampling,
+        process_group=group, chunk_size=trial.head.chunk_size, seed=trial.seed,
+        unsampled_rows=trial.head.unsampled_rows,
+    ).to(device)
+    optimizer = _build_optimizer(trial, backbone, head)
+    head.attach_optimizer(optimizer)
+    steps_per_epoch = len(epoch_batches(len(data.train), trial.batch_size, rank, world_size,
+                                        0, trial.seed))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(trial, steps_per_epoch * trial.epochs, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=trial.resources.precision == "fp16")
+    return Runtime(trial, rank, world_size, device, data, model, head, optimizer, scheduler,
+                   scaler, steps_per_epoch, sum(p.numel() for p in backbone.parameters()))
+
+
+def _build_optimizer(trial: TrialConfig, backbone: nn.Module,
+                     head: SampledSoftmaxHead) -> torch.optim.Optimizer:
+    """Two parameter groups: backbone (lr) and head (head_lr, default lr)."""
+    optim = trial.optim
+    groups = [
+        {"params": list(backbone.parameters()), "lr": optim.lr, "name": "backbone"},
+        {"params": list(head.parameters()), "lr": optim.head_lr or optim.lr, "name": "head"},
+    ]
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def _schedule(trial: TrialConfig, total_steps: int, steps_per_epoch: int) -> Any:
+    """Learning-rate factor per optimizer step: linear warm-up, then cosine or polynomial decay.
+
+    factor(t) = (t + 1)/T_w for t < T_w; then with p = (t − T_w)/(T − T_w):
+    cosine ½(1 + cos πp), polynomial (1 − p)^power.
+    """
+    warmup = min(round(trial.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+    schedule, power = trial.optim.schedule, trial.optim.poly_power
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return (1.0 - progress) ** power
+
+    return factor
+
+
+def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager[Any]:
+    precision = runtime.config.resources.precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(runtime.device.type, dtype=dtype)
+
+
+def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
+    """One pass over this worker's shard of the epoch; stops at the first non-finite loss."""
+    trial, head = runtime.config, runtime.head
+    runtime.model.train()
+    head.train()
+    batches = epoch_batches(len(runtime.data.train), trial.batch_size, runtime.rank,
+                            runtime.world_size, epoch, trial.seed)
+    accumulation = trial.optim.grad_accumulation
+    augmentation = torch.Generator().manual_seed(
+        derive_seed("augment", trial.seed, epoch, runtime.rank))
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, P, LSE(N), samples, classes, |g|
+    started = time.perf_counter()
+    for batch_index in batches:
+        images, labels = runtime.data.train.batch(batch_index, augmentation)
+        images, labels = images.to(runtime.device), labels.to(runtime.device)
+        runtime.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        micro_batches = zip(images.chunk(accumulation), labels.chunk(accumulation), strict=True)
+        for micro, (micro_images, micro_labels) in enumerate(micro_batches):
+            sync = micro == accumulation - 1 or not hasattr(runtime.model, "no_sync")
+            with (contextlib.nullcontext() if sync else runtime.model.no_sync()), \
+                    _autocast(runtime):
+                embeddings = runtime.model(micro_images)
+            loss = head(embeddings.float(), micro_labels, step=runtime.step * accumulation + micro)
+            runtime.scaler.scale(loss / accumulation).backward()
+            step_loss += float(loss) / accumulation
+            stats = head.last_statistics
+            sums[:5] += torch.tensor([float(loss) * len(micro_labels), stats["positive_logit"],
+                                      stats["negative_lse"], len(micro_labels),
+                                      stats["sampled_classes"]], dtype=torch.float64)
+        runtime.scaler.unscale_(runtime.optimizer)
+        grad_norm = _clip_gradients(runtime, trial.optim.grad_clip_norm)
+        # fp16: non-finite gradients are the GradScaler's business (it skips the step)
+        finite_gradients = math.isfinite(grad_norm) or runtime.scaler.is_enabled()
+        if not (math.isfinite(step_loss) and finite_gradients):
+            return {"diverged": 1.0, "diverged_step": float(runtime.step), "epoch": float(epoch),
+                    "loss": step_loss if math.isfinite(step_loss) else float("inf")}
+        sums[5] += grad_norm
+        runtime.scaler.step(runtime.optimizer)
+        runtime.scaler.update()
+        runtime.scheduler.step()
+        runtime.step += 1
+    elapsed = time.perf_counter() - started
+    return _epoch_metrics(runtime, epoch, sums, len(batches), elapsed)
+
+
+def _clip_gradients(runtime: Runtime, max_norm: float | None) -> float:
+    """Clip the global gradient norm over the backbone and every shard of the head.
+
+    ‖g‖² = ‖g_backbone‖² (already identical on every rank after DDP) + Σ_ranks ‖g_shard‖²
+    (one all-reduce of a scalar). Returns ‖g‖ before clipping (inf/nan when diverging).
+    """
+    backbone = [p.grad for p in runtime.model.parameters() if p.grad is not None]
+    shard = [p.grad for p in runtime.head.parameters() if p.grad is not None]
+    squares = torch.stack([
+        sum((g.double().square().sum() for g in backbone), torch.zeros((), dtype=torch.float64,
+                                                                        device=runtime.device)),
+        sum((g.double().square().sum() for g in shard), torch.zeros((), dtype=torch.float64,
+                                                                     device=runtime.device)),
+    ])
+    if runtime.world_size > 1:
+        shard_square = squares[1:].clone()
+        dist.all_reduce(shard_square)
+        squares = torch.cat([squares[:1], shard_square])
+    total = float(squares.sum().sqrt())
+    if max_norm is not None and math.isfinite(total) and total > max_norm:
+        for gradient in backbone + shard:
+            gradient.mul_(max_norm / (total + 1e-6))
+    return total
+
+
+def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
+                   elapsed: float) -> dict[str, float]:
+    """Reduce per-rank sums once per epoch and add the analytic compute and communication."""
+    trial = runtime.config
+    totals = sums.clone()
+    if runtime.world_size > 1:
+        dist.all_reduce(totals)
+    samples = float(totals[3])
+    micro_steps = steps * trial.optim.grad_accumulation
+    sampled_classes = float(totals[4]) / max(1, micro_steps)  # summed over the shards
+    global_micro_batch = samples / max(1, micro_steps)
+    element_bytes = 2 if trial.resources.precision != "fp32" else 4
+    return {
+        "diverged": 0.0,
+        "epoch": float(epoch),
+        "step": float(runtime.step),
+        "loss": float(totals[0]) / samples,
+        "intra_positive_logit": float(totals[1]) / samples,
+        "inter_negative_lse": float(totals[2]) / samples,
+        "sampled_classes": sampled_classes,
+        "head_flops_per_sample": head_flops_per_sample(trial.model.embedding_dim,
+                                                       sampled_classes),
+        "head_bytes_per_step": head_bytes_per_step(
+            runtime.world_size, round(global_micro_batch), trial.model.embedding_dim,
+            element_bytes) * trial.optim.grad_accumulation,
+        "ddp_bytes_per_step": data_parallel_bytes_per_step(runtime.world_size,
+                                                           runtime.backbone_parameters),
+        "samples_per_second": samples / max(elapsed, 1e-9),
+        "epoch_train_seconds": elapsed,
+        "grad_norm": float(totals[5]) / runtime.world_size / max(1, steps),
+        "lr": float(runtime.optimizer.param_groups[0]["lr"]),
+    }
+
+
+def evaluate(runtime: Runtime, centres: torch.Tensor) -> dict[str, float]:
+    """Open-set verification on held-out identities (rank 0) and class-centre statistics."""
+    started = time.perf_counter()
+    metrics: dict[str, float] = {"peak_memory_bytes": _peak_memory(runtime)}
+    if runtime.rank == 0:
+        evaluation = runtime.config.evaluation
+        options = {"batch_size": evaluation.batch_size, "device": runtime.device,
+                   "flip": evaluation.flip}
+        heldout = evaluate_verification(runtime.backbone, runtime.data.heldout,
+                                        num_pairs=evaluation.num_pairs, seed=runtime.config.seed,
+                                        **options)
+        metrics.update({f"heldout_{k}" if k in HELDOUT_STATISTICS else k: v
+                        for k, v in heldout.items()})
+        for index, pairs in enumerate(runtime.data.pairs):
+            metrics.update({f"pairs{index}_{k}": v
+                            for k, v in evaluate_pair_set(runtime.backbone, pairs,
+                                                          **options).items()})
+        metrics.update({f"centre_{k}": v for k, v in class_centre_statistics(centres).items()})
+    metrics["eval_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def _peak_memory(runtime: Runtime) -> float:
+    """Peak memory of this process (CUDA max allocated, else peak RSS), max over ranks."""
+    if runtime.device.type == "cuda":
+        value = float(torch.cuda.max_memory_allocated(runtime.device))
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024
+        value = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+    if runtime.world_size > 1:
+        tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        value = float(tensor)
+    return value
+
+
+def report(runtime: Runtime, metrics: dict[str, float], state: dict[str, Any]) -> None:
+    """``ray.train.report`` the epoch's metrics with a checkpoint written by rank 0."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if runtime.rank == 0:
+            torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+            Path(directory, CONFIG_FILE).write_text(runtime.config.to_yaml())
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _report_divergence(runtime: Runtime, metrics: dict[str, float]) -> None:
+    """Report the diverged step with a marker checkpoint (``diverged.json``, no weights).
+
+    Ray Train V2 exposes a run's final metrics only with a checkpoint, so the marker makes
+    ``Result.metrics`` carry ``diverged = 1``; there is nothing to resume from it.
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if runtime.rank == 0:
+            Path(directory, DIVERGED_FILE).write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
+    """Backbone, the logical class-centre matrix, optimizer, scheduler, step and epoch.
+
+    Head tensors (weight and its per-row optimizer state) are gathered to full ``C × D``
+    matrices, so a checkpoint does not depend on the number of workers that wrote it.
+    Collective: every rank must call it.
+    """
+    optimizer_state = runtime.optimizer.state_dict()
+    head_weight = runtime.head.weight
+    head_index = _parameter_index(runtime.optimizer, head_weight)
+    head_state = optimizer_state["state"].get(head_index, {})
+    optimizer_state["state"][head_index] = {
+        key: runtime.head.gather_rows(value) if _is_row_state(value, head_weight) else value
+        for key, value in head_state.items()
+    }
+    return {
+        "backbone": runtime.backbone.state_dict(),
+        "head_weight": runtime.head.full_weight(),
+        "optimizer": optimizer_state,
+        "scheduler": runtime.scheduler.state_dict(),
+        "scaler": runtime.scaler.state_dict(),
+        "step": runtime.step,
+        "epoch": runtime.epoch,
+        "world_size": runtime.world_size,
+    }
+
+
+def load_checkpoint(runtime: Runtime, directory: Path) -> None:
+    """Restore a checkpoint written with any number of workers (class centres re-sharded)."""
+    state = torch.load(directory / CHECKPOINT_FILE, map_location=runtime.device,
+                       weights_only=False)
+    runtime.backbone.load_state_dict(state["backbone"])
+    runtime.head.load_full_weight(state["head_weight"])
+    optimizer_state = state["optimizer"]
+    head_index = _parameter_index(runtime.optimizer, runtime.head.weight)
+    full_rows = state["head_weight"].shape[0]
+    optimizer_state["state"][head_index] = {
+        key: runtime.head.local_rows(value)
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == full_rows else value
+        for key, value in optimizer_state["state"].get(head_index, {}).items()
+    }
+    runtime.optimizer.load_state_dict(optimizer_state)
+    runtime.scheduler.load_state_dict(state["scheduler"])
+    runtime.scaler.load_state_dict(state["scaler"])
+    runtime.step, runtime.epoch = int(state["step"]), int(state["epoch"])
+
+
+def _parameter_index(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> int:
+    """Position of ``parameter`` in ``optimizer.state_dict()`` numbering."""
+    index = 0
+    for group in optimizer.param_groups:
+        for candidate in group["params"]:
+            if candidate is parameter:
+                return index
+            index += 1
+    raise ValueError("the head's weight is not in the optimizer")
+
+
+def _is_row_state(value: Any, weight: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == weight.shape
