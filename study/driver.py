@@ -14,7 +14,7 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from search_spaces import SearchSpace
 from study.bridge import run_trial
+from study.options import TRIAL_CPUS, StudyOptions
 from study.pareto import (
     best_at_budget,
     completed_points,
@@ -39,44 +39,10 @@ from study.tracking import STUDY_TAG, ChildRunCallback, RetryingClient
 
 logger = logging.getLogger(__name__)
 
-#: CPU of each trial's own function (it only waits on the Train run)
-TRIAL_CPUS = 0.1
 #: Ray Train polls worker health this often (the 2 s default adds ~1.3 s per report)
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 #: no download progress bars in the study's output
 MLFLOW_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-
-
-@dataclass(frozen=True)
-class StudyOptions:
-    """Everything a study needs, already validated."""
-
-    name: str
-    spaces: tuple[SearchSpace, ...]
-    base: dict[str, Any]
-    num_trials: int
-    max_concurrent: int
-    epochs: int
-    num_workers: int
-    cpus_per_worker: float
-    sampler: str
-    seed: int
-    scheduler: str
-    tracking_uri: str
-    storage_path: Path
-    output: Path
-    budget_fraction: float
-    resume: bool
-    ray_address: str | None = None
-    cli_args: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def study_dir(self) -> Path:
-        return self.storage_path / self.name
-
-    @property
-    def optuna_url(self) -> str:
-        return f"sqlite:///{self.study_dir / 'optuna.db'}"
 
 
 @dataclass

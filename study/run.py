@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 if __package__ in (None, ""):  # ``python study/run.py``: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search_spaces import SpaceError, load_spaces, shipped_space_files
-from study.driver import TRIAL_CPUS, StudyOptions
-from study.searcher import SAMPLERS
+from study.options import SAMPLERS, TRIAL_CPUS, StudyOptions
 from workers.config import ConfigError, parse_trial_config
 
 HOME = Path(os.environ.get("MARGINLAB_HOME", Path.home() / ".marginlab")).expanduser()
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
              "largest head FLOPs (0, 1]")
     add("--ray-address", default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    add("--set", action="append", default=[], metavar="KEY=VALUE",
+        help="any trial-config field every trial shares, dotted (repeatable), e.g. "
+             "--set model.width=16 --set data.num_identities=200 --set optim.optimizer=adamw")
     add("--resume", action="store_true", help="resume the study --name after an interruption")
     return parser
 
@@ -132,6 +136,27 @@ def _check_writable(directory: Path, flag: str) -> str | None:
     return None
 
 
+def _apply_overrides(base: dict[str, Any], assignments: list[str]) -> list[str]:
+    """``--set a.b=value`` into ``base`` (values parsed as YAML scalars)."""
+    errors = []
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key or key.split(".")[0] in ("loss", "version"):
+            errors.append(f"--set {assignment!r} must be KEY=VALUE with a dotted trial-config "
+                          "key outside loss.* (losses come from the space files)")
+            continue
+        node = base
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                errors.append(f"--set {assignment!r}: {part} is not a section")
+                break
+        else:
+            node[leaf] = yaml.safe_load(text)
+    return errors
+
+
 def _data_config(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {"source": args.data}
     if args.data_path is not None:
@@ -158,6 +183,7 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
             "data": _data_config(args),
             "resources": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
                           "gpus_per_worker": args.gpus_per_worker}}
+    errors += _apply_overrides(base, args.set)
     if not errors:
         try:
             parse_trial_config(base, "flags")

@@ -18,13 +18,13 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace
+from study.options import SAMPLERS
 from workers.config import parse_trial_config
 
 ACCURACY = "verification_accuracy"
 COMPUTE = "head_flops_per_sample"
 OBJECTIVES = (ACCURACY, COMPUTE)
 MODES = ("max", "min")
-SAMPLERS = ("tpe", "nsga2", "random")
 
 
 class SpaceSampler:

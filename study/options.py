@@ -1,0 +1,49 @@
+"""What a study is asked to do: validated options and the constants validation needs.
+
+Kept free of Ray, MLflow and Tune imports so ``study/run.py`` rejects bad input in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search_spaces import SearchSpace
+
+#: CPU of each trial's own function (it only waits on the Train run)
+TRIAL_CPUS = 0.1
+#: Optuna samplers a study can use
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """Everything a study needs, already validated."""
+
+    name: str
+    spaces: tuple[SearchSpace, ...]
+    base: dict[str, Any]
+    num_trials: int
+    max_concurrent: int
+    epochs: int
+    num_workers: int
+    cpus_per_worker: float
+    sampler: str
+    seed: int
+    scheduler: str
+    tracking_uri: str
+    storage_path: Path
+    output: Path
+    budget_fraction: float
+    resume: bool
+    ray_address: str | None = None
+    cli_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def study_dir(self) -> Path:
+        return self.storage_path / self.name
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.study_dir / 'optuna.db'}"

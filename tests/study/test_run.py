@@ -1,0 +1,177 @@
+"""The study end to end: real local Ray, a real MLflow sqlite store, real Optuna storage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from study.pareto import completed_points, non_dominated
+from study.run import build_parser, options_from_args
+from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
+from workers.config import parse_trial_config
+
+ROOT = Path(__file__).resolve().parents[2]
+#: every study test trains the same small problem: 2 workers, 96 identities, width-16 CNN
+SMALL = ["--set", "data.num_identities=96", "--set", "data.samples_per_identity=12",
+         "--set", "data.heldout_identities=48", "--set", "model.width=16",
+         "--set", "model.embedding_dim=64", "--set", "evaluation.num_pairs=600",
+         "--batch-size", "32"]
+
+
+def _study_command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "study" / "run.py"), *args]
+
+
+def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(_study_command(*args), capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--trials", "0"], "error: --trials = 0 must be an integer ≥ 1"),
+    (["--workers", "9"], "error: --workers = 9 × --cpus-per-worker = 0.45 (+ 0.1 per trial) "
+                         "needs 4.15 CPUs; this machine has"),
+    (["--sampler", "grid"], "error: --sampler = 'grid' must be one of ['tpe', 'nsga2', 'random']"),
+    (["--tracking-uri", "./mlruns"], "error: --tracking-uri = './mlruns' must be "
+                                     "sqlite:///ABSOLUTE/PATH.db or http(s)://HOST:PORT"),
+    (["--storage", "relative/dir"], "error: --storage = 'relative/dir' must be an absolute path"),
+    (["--set", "head.sample_ratio=0"], "error: flags: head.sample_ratio = 0 must be a number in "
+                                       "(0.0, 1.0]"),
+    (["--data", "image_folder", "--data-path", "/nonexistent"],
+     "error: /nonexistent: not found (data.source = 'image_folder')"),
+    (["--resume"], "error: --resume needs --name"),
+])
+def test_bad_flag_fails_fast_before_ray(args: list[str], expected: str, tmp_path: Path) -> None:
+    started = time.perf_counter()
+    process = _run([*args, "--storage", str(tmp_path)] if "--storage" not in args else args)
+    elapsed = time.perf_counter() - started
+    assert process.returncode == 2, process.stderr[-2000:]
+    assert expected in process.stderr, process.stderr
+    assert "Started a local Ray instance" not in process.stderr
+    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+
+
+def test_bad_space_file_lists_every_error_fast(tmp_path: Path) -> None:
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump({
+        "version": 1, "name": "bad", "loss": "arcface",
+        "params": {"loss.margin": {"distribution": "uniform", "low": 0.2, "high": 1.7},
+                   "head.sample_ratio": {"distribution": "uniform", "low": 0.0, "high": 1.0}}},
+        sort_keys=False))
+    started = time.perf_counter()
+    process = _run(["--space", str(space), "--storage", str(tmp_path)])
+    assert time.perf_counter() - started < 5.0
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert lines == [
+        f"error: {space}: params.loss.margin: 1.7 rad is outside arcface.margin's allowed "
+        "range [0, 1.2]",
+        f"error: {space}: params.head.sample_ratio: head.sample_ratio = 0.0 must be a number "
+        "in (0.0, 1.0]",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 4-trial, 2-space study (ASHA on), run in this process."""
+    import ray
+
+    from study.driver import run_study
+
+    home = tmp_path_factory.mktemp("study")
+    args = build_parser().parse_args([
+        "--space", "normface", "arcface", "--trials", "4", "--epochs", "2", "--seed", "3",
+        "--name", "four", "--storage", str(home / "studies"),
+        "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}", *SMALL])
+    options = options_from_args(args)
+    try:
+        result = run_study(options)
+    finally:
+        ray.shutdown()
+    return {"options": options, "result": result, "client": MlflowClient(options.tracking_uri)}
+
+
+@pytest.mark.slow
+def test_mlflow_holds_one_parent_and_one_child_per_trial(finished_study: dict) -> None:
+    client, result = finished_study["client"], finished_study["result"]
+    runs = client.search_runs([result.experiment_id])
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == result.parent_run_id]
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["spaces"] == "normface,arcface"
+    assert parents[0].data.params["version.ray"].startswith("2.60")
+    assert len(children) == 4
+    assert len({r.data.tags[TRIAL_ID_TAG] for r in children}) == 4
+    for child in children:
+        params, metrics = child.data.params, child.data.metrics
+        assert params["head.loss"] in ("normface", "arcface")
+        assert {"inter.sample_ratio", "inter.sampling", "optim.lr", "head.scale"} <= set(params)
+        if params["head.loss"] == "arcface":
+            assert {"intra.margin", "intra.margin_grad"} <= set(params)
+        assert {"verification_accuracy", "head_flops_per_sample", "loss",
+                "intra_positive_logit", "inter_negative_lse"} <= set(metrics)
+        outcome = child.data.tags[OUTCOME_TAG]
+        expected_status = {"complete": "FINISHED", "pruned": "KILLED"}[outcome]
+        assert child.info.status == expected_status
+        history = client.get_metric_history(child.info.run_id, "verification_accuracy")
+        assert [m.step for m in history] == list(range(2 if outcome == "complete" else 1))
+
+
+@pytest.mark.slow
+def test_pruned_trials_stay_off_the_front_and_out_of_optuna_completes(
+        finished_study: dict) -> None:
+    options, result, client = (finished_study[k] for k in ("options", "result", "client"))
+    study = optuna.load_study(study_name=options.name, storage=options.optuna_url)
+    states = [t.state for t in study.trials]
+    children = client.search_runs([result.experiment_id],
+                                  filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = "
+                                                f"'{result.parent_run_id}'")
+    outcomes = [c.data.tags[OUTCOME_TAG] for c in children]
+    assert len(study.trials) == 4
+    assert states.count(optuna.trial.TrialState.COMPLETE) == outcomes.count("complete")
+    assert states.count(optuna.trial.TrialState.PRUNED) == outcomes.count("pruned")
+    complete_ids = {c.info.run_id for c in children
+                    if c.data.tags[OUTCOME_TAG] == "complete"}
+    assert {p["run_id"] for p in result.front} <= complete_ids
+
+
+@pytest.mark.slow
+def test_pareto_artifacts_equal_a_recomputation_from_mlflow(finished_study: dict) -> None:
+    options, result, client = (finished_study[k] for k in ("options", "result", "client"))
+    recomputed = non_dominated(completed_points(client, result.experiment_id,
+                                                result.parent_run_id))
+    table = pq.read_table(options.output / "pareto.parquet").to_pydict()
+    assert table["run_id"] == [p.run_id for p in recomputed]
+    assert table["verification_accuracy"] == [p.accuracy for p in recomputed]
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "pareto")}
+    assert artifacts == {"pareto/pareto.csv", "pareto/pareto.parquet", "pareto/pareto.png"}
+    configs = client.list_artifacts(result.parent_run_id, "configs")
+    assert len(configs) == len(result.exported) >= 1
+
+
+@pytest.mark.slow
+def test_exported_config_runs_through_workers_train(finished_study: dict,
+                                                   tmp_path: Path) -> None:
+    exported = Path(finished_study["result"].exported[0])
+    config = parse_trial_config(yaml.safe_load(exported.read_text()), str(exported))
+    assert config.loss.name in ("normface", "arcface")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.run(
+        [sys.executable, "-m", "workers.train", "--config", str(exported), "--epochs", "1",
+         "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+        env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert (tmp_path / "out" / "class_centres.pt").is_file()
