@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
-from workers.config import ConfigError, parse_trial_config
+from workers.config import ConfigError, parse_trial_config, read_yaml
 from workers.losses import Choice, Interval, get_loss_class
 
 SPACE_VERSION = 1
@@ -123,13 +122,10 @@ class SearchSpace:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate one space file; raises ``SpaceError`` listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError([f"{path}: no such search-space file"])
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpaceError([f"{path}: not valid YAML ({str(error).splitlines()[0]})"]) from None
+        data = read_yaml(path, "search-space file")
+    except ConfigError as error:
+        raise SpaceError(error.lines) from None
     return parse_space(data, str(path))
 
 

@@ -153,16 +153,20 @@ def parse_trial_config(data: Any, source: str = "trial config") -> TrialConfig:
         raise ConfigError(format_validation_error(error, TrialConfig, source)) from None
 
 
-def load_trial_config(path: str | Path) -> TrialConfig:
-    """Read and validate a trial config YAML file."""
+def read_yaml(path: str | Path, kind: str) -> Any:
+    """The parsed content of a YAML file; a missing or unparsable one is a ``ConfigError``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"{path}: no such config file"])
+        raise ConfigError([f"{path}: no such {kind}"])
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML ({str(error).splitlines()[0]})"]) from None
-    return parse_trial_config(data, str(path))
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Read and validate a trial config YAML file."""
+    return parse_trial_config(read_yaml(path, "config file"), str(path))
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel],
