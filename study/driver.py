@@ -21,6 +21,7 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -35,7 +36,7 @@ from study.pareto import (
 )
 from study.progress import ProgressTable
 from study.searcher import ACCURACY, MODES, OBJECTIVES, SpaceSampler, StudySearch, build_sampler
-from study.tracking import STUDY_TAG, ChildRunCallback, RetryingClient
+from study.tracking import OUTCOME_TAG, STUDY_TAG, ChildRunCallback, RetryingClient
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,32 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
     )
 
 
+def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: str) -> int:
+    """Record trials a killed driver left open, once the (resumed) study has finished.
+
+    A trial the driver had started but Tune had not yet saved in its experiment state is not
+    restored by ``--resume``: its MLflow child stays RUNNING and its Optuna trial RUNNING. They
+    become KILLED (tag ``marginlab.outcome = interrupted``) and FAIL, so each started trial
+    appears exactly once, with what happened to it. Returns how many were closed.
+    """
+    import optuna
+
+    client = RetryingClient(options.tracking_uri)
+    open_runs = client.call(
+        "search_runs", [experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and "
+                      "attributes.status = 'RUNNING'")
+    for run in open_runs:
+        client.call("set_tag", run.info.run_id, OUTCOME_TAG, "interrupted")
+        client.call("set_terminated", run.info.run_id, "KILLED")
+    study = optuna.load_study(study_name=options.name, storage=options.optuna_url)
+    running = [t.number for t in study.get_trials(deepcopy=False,
+                                                  states=(optuna.trial.TrialState.RUNNING,))]
+    for number in running:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return len(open_runs)
+
+
 def run_study(options: StudyOptions) -> StudyResult:
     """Run the study; returns the front and where everything was written."""
     import ray
@@ -162,6 +189,7 @@ def run_study(options: StudyOptions) -> StudyResult:
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
     tuner = build_tuner(options, experiment_id, parent_run_id, cluster_cpus)
     grid = tuner.fit()
+    interrupted = close_interrupted(options, experiment_id, parent_run_id)
     client = MlflowClient(options.tracking_uri)
     points = completed_points(client, experiment_id, parent_run_id)
     front = non_dominated(points)
@@ -177,6 +205,7 @@ def run_study(options: StudyOptions) -> StudyResult:
     wall = time.perf_counter() - started
     retrying.call("log_metric", parent_run_id, "study_wall_seconds", wall)
     retrying.call("log_metric", parent_run_id, "trials", len(grid))
+    retrying.call("log_metric", parent_run_id, "interrupted_trials", interrupted)
     retrying.call("set_terminated", parent_run_id, "FINISHED")
     summary = StudyResult(
         parent_run_id, experiment_id, len(grid),

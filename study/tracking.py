@@ -131,6 +131,8 @@ class ChildRunCallback(tune.Callback):
         self.parent_run_id, self.study_name, self.epochs = parent_run_id, study_name, epochs
         self._client: RetryingClient | None = None
         self.run_ids: dict[str, str] = {}
+        #: the last epoch logged per trial: a restarted trial's repeated results are skipped
+        self.logged_epoch: dict[str, int] = {}
 
     @property
     def client(self) -> RetryingClient:
@@ -151,6 +153,8 @@ class ChildRunCallback(tune.Callback):
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
         if existing:
             run_id = existing[0].info.run_id
+            history = self.client.call("get_metric_history", run_id, "epoch")
+            self.logged_epoch[trial_id] = max((int(m.value) for m in history), default=-1)
             self.client.write("update_run", run_id, status="RUNNING")
         else:
             run_id = self._create(trial)
@@ -178,8 +182,11 @@ class ChildRunCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         run_id = self._run_id(trial)
-        timestamp = int(time.time() * 1000)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self.logged_epoch.get(trial.trial_id, -1):
+            return  # a resumed trial repeating an epoch MLflow already holds
+        self.logged_epoch[trial.trial_id] = step
+        timestamp = int(time.time() * 1000)
         metrics = [Metric(k, v, timestamp, step) for k, v in numeric_metrics(result).items()]
         self.client.write("log_batch", run_id, metrics=metrics)
 

@@ -43,6 +43,7 @@ from workers.head import SampledSoftmaxHead
 CHECKPOINT_FILE = "state.pt"
 CONFIG_FILE = "trial.yaml"
 DIVERGED_FILE = "diverged.json"
+METRICS_FILE = "metrics.json"
 #: class statistics of the held-out embeddings, reported as ``heldout_<name>``
 HELDOUT_STATISTICS = ("intra_compactness", "inter_separation_mean", "inter_separation_p99")
 
@@ -65,6 +66,7 @@ class Runtime:
     backbone_parameters: int
     step: int = 0
     epoch: int = 0
+    last_metrics: dict[str, float] | None = None
 
     @property
     def backbone(self) -> nn.Module:
@@ -76,6 +78,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config = {"trial": <TrialConfig dict>, "resume_from": path?}``."""
 
     runtime = setup(config)
+    if runtime.epoch >= runtime.config.epochs and runtime.last_metrics:
+        # resumed after the last epoch had been checkpointed: report its result again, so a
+        # restarted trial still ends with its final metrics
+        report(runtime, runtime.last_metrics, checkpoint_state(runtime))
+        return
     for epoch in range(runtime.epoch, runtime.config.epochs):
         metrics = train_epoch(runtime, epoch)
         if metrics["diverged"]:
@@ -326,6 +333,7 @@ def report(runtime: Runtime, metrics: dict[str, float], state: dict[str, Any]) -
         if runtime.rank == 0:
             torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
             Path(directory, CONFIG_FILE).write_text(runtime.config.to_yaml())
+            Path(directory, METRICS_FILE).write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -391,6 +399,8 @@ def load_checkpoint(runtime: Runtime, directory: Path) -> None:
     runtime.scheduler.load_state_dict(state["scheduler"])
     runtime.scaler.load_state_dict(state["scaler"])
     runtime.step, runtime.epoch = int(state["step"]), int(state["epoch"])
+    if (directory / METRICS_FILE).is_file():
+        runtime.last_metrics = json.loads((directory / METRICS_FILE).read_text())
 
 
 def _parameter_index(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> int:

@@ -1,8 +1,9 @@
 """SampledSoftmaxHead on real CPU gloo groups of 1, 2 and 3 processes against the reference.
 
-One spawn per world size runs every case inside the workers (spawning costs seconds); each
-rank saves its loss, embedding gradient, shard gradient and sample; the tests assemble the
-ranks and compare with ``reference_loss`` on the concatenated batch and the full matrix.
+One process group per world size runs every case inside the workers (starting one costs
+seconds); each rank saves its loss, embedding gradient, shard gradient and sample; the tests
+assemble the ranks and compare with ``reference_loss`` on the concatenated batch and the full
+matrix.
 13 classes never divide evenly over 2 or 3 ranks; float64 throughout.
 """
 
@@ -117,7 +118,7 @@ def _worker(rank: int, world_size: int, out_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def distributed(gloo_runner: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``get(world_size)``: every rank's records, spawning the group once per world size."""
+    """``get(world_size)``: every rank's records, starting the group once per world size."""
     cache: dict[int, list[dict[str, Any]]] = {}
 
     def get(world_size: int) -> list[dict[str, Any]]:

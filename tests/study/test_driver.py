@@ -1,0 +1,83 @@
+"""Kill the study driver mid-study, resume it: no lost and no duplicate trials anywhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _finished_children(database: Path) -> int:
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database) as connection:
+        try:
+            return connection.execute(
+                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = ? and r.status = 'FINISHED'", (MLFLOW_PARENT_RUN_ID,)).fetchone()[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+
+
+def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Path) -> None:
+    database = tmp_path / "mlflow.db"
+    command = [sys.executable, str(ROOT / "study" / "run.py"), "--space", "cosface",
+               "--trials", "4", "--concurrent", "1", "--epochs", "1", "--workers", "1",
+               "--scheduler", "none", "--name", "killed", "--storage", str(tmp_path / "studies"),
+               "--tracking-uri", f"sqlite:///{database}", "--batch-size", "32",
+               "--set", "data.num_identities=64", "--set", "data.samples_per_identity=8",
+               "--set", "data.heldout_identities=32", "--set", "model.width=16",
+               "--set", "evaluation.num_pairs=400"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
+    deadline = time.monotonic() + 400
+    while _finished_children(database) < 1:
+        assert driver.poll() is None, "the study ended before it could be killed"
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    time.sleep(3)  # the next trial is starting
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert _finished_children(database) < 4
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{database}")
+    experiment = client.get_experiment_by_name("killed")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags]
+    children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial_ids = [c.data.tags[TRIAL_ID_TAG] for c in children]
+    assert len(trial_ids) == len(set(trial_ids)), "a trial has two child runs"
+    assert all(c.info.status != "RUNNING" for c in children)
+    outcomes = [c.data.tags[OUTCOME_TAG] for c in children]
+    assert outcomes.count("complete") == 4
+    assert set(outcomes) <= {"complete", "interrupted"}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "verification_accuracy")
+        assert len(history) == (1 if child.data.tags[OUTCOME_TAG] == "complete" else 0)
+
+    study = optuna.load_study(study_name="killed",
+                              storage=f"sqlite:///{tmp_path / 'studies' / 'killed' / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == len(children)
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    assert optuna.trial.TrialState.RUNNING not in states
