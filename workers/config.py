@@ -60,7 +60,8 @@ class HeadSpec(_Strict):
 
     sample_ratio: Probability = 1.0
     sampling: Literal["uniform", "batch"] = "uniform"
-    chunk_size: Annotated[int, Field(ge=1, le=1 << 24)] = 8192
+    #: classes per chunk of the log-sum-exp; None = auto (a fixed logit budget per chunk)
+    chunk_size: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
     unsampled_rows: Literal["dense", "frozen"] = "dense"
 
 

@@ -36,9 +36,10 @@ from workers.accounting import (
 )
 from workers.backbones import build_backbone
 from workers.config import TrialConfig
-from workers.data import DatasetSplit, derive_seed, epoch_batches, load_dataset, parse_data_config
+from workers.data import DatasetSplit, epoch_batches, load_dataset, parse_data_config
 from workers.evaluation import class_centre_statistics, evaluate_pair_set, evaluate_verification
 from workers.head import SampledSoftmaxHead
+from workers.seeding import derive_seed
 
 CHECKPOINT_FILE = "state.pt"
 CONFIG_FILE = "trial.yaml"
@@ -193,7 +194,8 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
     accumulation = trial.optim.grad_accumulation
     augmentation = torch.Generator().manual_seed(
         derive_seed("augment", trial.seed, epoch, runtime.rank))
-    sums = torch.zeros(6, dtype=torch.float64)  # loss, P, LSE(N), samples, classes, |g|
+    # per epoch, on the device: Σ loss·n, Σ P, Σ LSE(N), samples, sampled classes, Σ ‖g‖
+    sums = torch.zeros(6, dtype=torch.float64, device=runtime.device)
     started = time.perf_counter()
     for batch_index in batches:
         images, labels = runtime.data.train.batch(batch_index, augmentation)
@@ -208,11 +210,11 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
                 embeddings = runtime.model(micro_images)
             loss = head(embeddings.float(), micro_labels, step=runtime.step * accumulation + micro)
             runtime.scaler.scale(loss / accumulation).backward()
-            step_loss += float(loss) / accumulation
-            stats = head.last_statistics
-            sums[:5] += torch.tensor([float(loss) * len(micro_labels), stats["positive_logit"],
-                                      stats["negative_lse"], len(micro_labels),
-                                      stats["sampled_classes"]], dtype=torch.float64)
+            step_loss += float(loss) / accumulation  # one host sync: divergence is per step
+            sums[0] += loss.detach().double() * len(micro_labels)
+            sums[1:3] += head.last_statistics[:2]
+            sums[3] += len(micro_labels)
+            sums[4] += head.last_statistics[2]
         runtime.scaler.unscale_(runtime.optimizer)
         grad_norm = _clip_gradients(runtime, trial.optim.grad_clip_norm)
         # fp16: non-finite gradients are the GradScaler's business (it skips the step)
@@ -261,6 +263,7 @@ def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
     totals = sums.clone()
     if runtime.world_size > 1:
         dist.all_reduce(totals)
+    totals = totals.cpu()
     samples = float(totals[3])
     micro_steps = steps * trial.optim.grad_accumulation
     sampled_classes = float(totals[4]) / max(1, micro_steps)  # summed over the shards

@@ -20,7 +20,7 @@ def test_params_are_named_by_side() -> None:
     assert params["inter.w_inter"] == "2.0"
     assert params["inter.sample_ratio"] == "0.1"
     assert params["inter.sampling"] == "uniform"
-    assert params["head.chunk_size"] == "8192"
+    assert params["head.chunk_size"] == "None"  # auto
     assert params["optim.lr"] == "0.1"
     assert params["trial.epochs"] == "2"
     assert all(isinstance(v, str) for v in params.values())

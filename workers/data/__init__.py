@@ -13,7 +13,6 @@ from ._dataset import (
     LabelledDataset,
     TensorDataset,
     decode_image,
-    derive_seed,
     random_flip,
 )
 from ._image_folder import IMAGE_EXTENSIONS, load_image_folder
@@ -58,7 +57,6 @@ __all__ = [
     "alphabet_of_class",
     "check_data_config",
     "decode_image",
-    "derive_seed",
     "epoch_batches",
     "frame_record",
     "load_dataset",

@@ -10,21 +10,12 @@ Decoded images are normalised to ``x/127.5 − 1`` (pixel range [0, 255] → [�
 from __future__ import annotations
 
 import io
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-
-
-def derive_seed(purpose: str, *values: int) -> int:
-    """A 63-bit seed mixed (numpy ``SeedSequence``) from a purpose tag and integers; stable
-    across platforms, distinct for distinct purposes or value tuples."""
-    entropy = [zlib.crc32(purpose.encode()), len(values), *(int(v) for v in values)]
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
 
 
 def decode_image(data: bytes, image_size: int, channels: int, where: str) -> torch.Tensor:

@@ -7,7 +7,9 @@ import math
 
 import torch
 
-from ._dataset import LabelledDataset, derive_seed
+from workers.seeding import derive_seed
+
+from ._dataset import LabelledDataset
 
 
 def split_identities(groups: torch.Tensor, heldout_fraction: float,

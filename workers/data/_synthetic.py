@@ -24,7 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dataset import TensorDataset, derive_seed
+from workers.seeding import derive_seed
+
+from ._dataset import TensorDataset
 
 _ROLES = {"train": 0, "heldout": 1}
 _IDENTITY_AMPLITUDE = 0.8

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ._function import ChunkedLSE
 from ._partition import HeadShard, partition_n_into_range
-from ._sampling import SampledClasses, derive_seed, sample_classes
+from ._sampling import SampledClasses, sample_classes
 from .head import SampledSoftmaxHead, initial_rows
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "HeadShard",
     "SampledClasses",
     "SampledSoftmaxHead",
-    "derive_seed",
     "initial_rows",
     "partition_n_into_range",
     "sample_classes",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import NamedTuple
 
 import torch
@@ -20,17 +19,6 @@ class SampledClasses(NamedTuple):
 
     index: torch.Tensor
     target: torch.Tensor
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (BLAKE2b of their ``repr``).
-
-    The head seeds its sampling with ``derive_seed("sample", seed, step, rank)`` and the
-    initial class centres with ``derive_seed("init", seed, block)``.
-    """
-    text = ":".join(repr(part) for part in parts)
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def sample_classes(

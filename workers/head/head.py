@@ -11,11 +11,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from workers.losses import MarginLoss, Target
+from workers.seeding import derive_seed
 
 from ._collectives import all_gather_rows, all_reduce_sum, gather_rows, local_rows, scatter_rows_sum
 from ._function import ChunkedLSE
 from ._partition import HeadShard, partition_n_into_range
-from ._sampling import SampledClasses, derive_seed, sample_classes
+from ._sampling import SampledClasses, sample_classes
 
 Sampling = Literal["uniform", "batch"]
 UnsampledRows = Literal["dense", "frozen"]
@@ -126,9 +127,9 @@ class SampledSoftmaxHead(nn.Module):
         self.weight = nn.Parameter(rows.to(device=device, dtype=dtype))
         self.step_count = 0
         self.last_sample: torch.Tensor | None = None
-        #: sums over this rank's rows of ``P`` and ``LSE(N)``, and this shard's sample size
-        #: (local, detached: a training loop reduces them across ranks when it reports)
-        self.last_statistics: dict[str, float] = {}
+        #: ``[Σ P, Σ LSE(N)]`` over this rank's rows and this shard's sample size, detached,
+        #: on the device (no host sync; a training loop reduces them across ranks per epoch)
+        self.last_statistics: torch.Tensor | None = None
         #: rows sampled since the last optimizer step (``unsampled_rows='frozen'``)
         self.register_buffer("_touched", torch.zeros(self.shard.size, dtype=torch.bool,
                                                      device=self.weight.device), persistent=False)
@@ -178,11 +179,9 @@ class SampledSoftmaxHead(nn.Module):
             lse = torch.logaddexp(lse, virtual)
         positive = loss.positive_logit(target)
         per_sample = loss.combine(positive, lse)
-        self.last_statistics = {
-            "positive_logit": float(positive.detach().sum()),
-            "negative_lse": float(lse.detach().clamp_min(-1e30).sum()),
-            "sampled_classes": float(len(sample.index)),
-        }
+        self.last_statistics = torch.stack([
+            positive.detach().sum(), lse.detach().clamp_min(-1e30).sum(),
+            positive.new_tensor(float(len(sample.index)))]).double()
         return all_reduce_sum(per_sample.sum() / sum(sizes), shard)
 
     def _owned_targets(self, x_global: torch.Tensor, labels: torch.Tensor,

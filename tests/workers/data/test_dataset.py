@@ -7,7 +7,8 @@ import pytest
 import torch
 from _data_helpers import assert_one_line, encode_png, gray
 
-from workers.data import DecodedDataset, TensorDataset, decode_image, derive_seed, random_flip
+from workers.data import DecodedDataset, TensorDataset, decode_image, random_flip
+from workers.seeding import derive_seed
 
 
 def test_decode_image_normalises_and_resizes() -> None:

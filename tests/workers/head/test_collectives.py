@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from workers.head import HeadShard, derive_seed
+from workers.head import HeadShard
 from workers.head._collectives import all_reduce_sum, gather_rows, local_rows, scatter_rows_sum
+from workers.seeding import derive_seed
 
 SIZES = [2, 0, 3]
 WIDTH = 3

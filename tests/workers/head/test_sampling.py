@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.head import HeadShard, derive_seed, sample_classes
+from workers.head import HeadShard, sample_classes
+from workers.seeding import derive_seed
 
 SHARD = HeadShard(start=10, stop=30)
 
