@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 #: Ray Train polls worker health this often (the 2 s default adds ~1.3 s per report)
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-#: no download progress bars in the study's output
-MLFLOW_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+#: the driver process: no MLflow download progress bars; let a diverged trial's last result
+#: lack the objectives (StudySearch records it as FAIL instead of Tune aborting the study)
+DRIVER_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+              "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 
 
 @dataclass
@@ -179,7 +181,7 @@ def run_study(options: StudyOptions) -> StudyResult:
 
     started = time.perf_counter()
     os.environ.update(RAY_ENV)
-    os.environ.update(MLFLOW_ENV)
+    os.environ.update(DRIVER_ENV)
     options.study_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(options.tracking_uri)
     experiment_id, parent_run_id = open_parent_run(options)

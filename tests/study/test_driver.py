@@ -81,3 +81,40 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Pa
     assert len(study.trials) == len(children)
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
     assert optuna.trial.TrialState.RUNNING not in states
+
+
+def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+    space = tmp_path / "unstable.yaml"
+    space.write_text(
+        "version: 1\nname: unstable\nloss: softmax\n"
+        "fixed:\n  optim: {grad_clip_norm: null, momentum: 0.9}\n"
+        "params:\n  optim.lr: {distribution: categorical, choices: [0.05, 10.0]}\n"
+        "  head.sample_ratio: {distribution: uniform, low: 0.5, high: 1.0}\n")
+    database = tmp_path / "mlflow.db"
+    # RandomSampler(seed=5) asks lr = 10, 0.05, 0.05: softmax at lr 10 without clipping diverges
+    command = [sys.executable, str(ROOT / "study" / "run.py"), "--space", str(space),
+               "--trials", "3", "--concurrent", "1", "--epochs", "1", "--workers", "1",
+               "--scheduler", "none", "--sampler", "random", "--seed", "5", "--name", "unstable",
+               "--storage", str(tmp_path / "studies"), "--tracking-uri", f"sqlite:///{database}",
+               "--batch-size", "32", "--set", "data.num_identities=64",
+               "--set", "data.samples_per_identity=8", "--set", "data.heldout_identities=32",
+               "--set", "model.width=16", "--set", "evaluation.num_pairs=400"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{database}")
+    experiment = client.get_experiment_by_name("unstable")
+    children = [r for r in client.search_runs([experiment.experiment_id])
+                if MLFLOW_PARENT_RUN_ID in r.data.tags]
+    by_outcome = {c.data.tags[OUTCOME_TAG]: c for c in children}
+    assert sorted(c.data.tags[OUTCOME_TAG] for c in children) == ["complete", "complete",
+                                                                   "diverged"]
+    diverged = by_outcome["diverged"]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["diverged"] == "true"
+    assert diverged.data.params["optim.lr"] == "10.0"
+    assert "verification_accuracy" not in diverged.data.metrics
+    study = optuna.load_study(study_name="unstable",
+                              storage=f"sqlite:///{tmp_path / 'studies/unstable/optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
