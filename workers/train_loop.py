@@ -210,7 +210,7 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
                 embeddings = runtime.model(micro_images)
             loss = head(embeddings.float(), micro_labels, step=runtime.step * accumulation + micro)
             runtime.scaler.scale(loss / accumulation).backward()
-            step_loss += float(loss) / accumulation  # one host sync: divergence is per step
+            step_loss += float(loss.detach()) / accumulation  # one host sync per micro-batch
             sums[0] += loss.detach().double() * len(micro_labels)
             sums[1:3] += head.last_statistics[:2]
             sums[3] += len(micro_labels)
