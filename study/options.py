@@ -5,6 +5,7 @@ Kept free of Ray, MLflow and Tune imports so ``study/run.py`` rejects bad input 
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,15 @@ from search_spaces import SearchSpace
 TRIAL_CPUS = 0.1
 #: Optuna samplers a study can use
 SAMPLERS = ("tpe", "nsga2", "random")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any password in it replaced by ``***`` (safe to print or log)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""Shared fixtures: a free TCP port and a helper that runs a function on a CPU gloo group."""
+"""Shared fixtures: a CPU gloo group runner and a real ``mlflow server`` process on loopback
+(the helpers behind them are in ``tests/services.py``)."""
 
 from __future__ import annotations
 
 import datetime
-import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,14 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.services import MlflowServer, free_port
+
 GlooFn = Callable[..., None]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gloo_entry(rank: int, world_size: int, port: int, fn: GlooFn, args: tuple[Any, ...]) -> None:
@@ -48,3 +44,14 @@ def run_gloo(fn: GlooFn, world_size: int, *args: Any) -> None:
 def gloo_runner() -> Callable[..., None]:
     """The ``run_gloo`` helper as a fixture."""
     return run_gloo
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A started ``mlflow server`` on loopback, stopped at the end (also on failure)."""
+    server = MlflowServer(tmp_path / "mlflow-server")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

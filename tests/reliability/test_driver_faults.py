@@ -1,12 +1,10 @@
-"""Kill the study driver mid-study, resume it: no lost and no duplicate trials anywhere."""
+"""Driver faults: the driver killed mid-study then resumed, and a trial that diverges."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
+from tests.services import study_env, tiny_study_command
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -35,14 +33,9 @@ def _finished_children(database: Path) -> int:
 
 def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Path) -> None:
     database = tmp_path / "mlflow.db"
-    command = [sys.executable, str(ROOT / "study" / "run.py"), "--space", "cosface",
-               "--trials", "4", "--concurrent", "1", "--epochs", "1", "--workers", "1",
-               "--scheduler", "none", "--name", "killed", "--storage", str(tmp_path / "studies"),
-               "--tracking-uri", f"sqlite:///{database}", "--batch-size", "32",
-               "--set", "data.num_identities=64", "--set", "data.samples_per_identity=8",
-               "--set", "data.heldout_identities=32", "--set", "model.width=16",
-               "--set", "evaluation.num_pairs=400"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = tiny_study_command("killed", tmp_path, "--space", "cosface", "--trials", "4",
+                                 "--concurrent", "1", "--scheduler", "none")
+    env = study_env()
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=env)
     deadline = time.monotonic() + 400
@@ -92,15 +85,11 @@ def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> No
         "  head.sample_ratio: {distribution: uniform, low: 0.5, high: 1.0}\n")
     database = tmp_path / "mlflow.db"
     # RandomSampler(seed=5) asks lr = 10, 0.05, 0.05: softmax at lr 10 without clipping diverges
-    command = [sys.executable, str(ROOT / "study" / "run.py"), "--space", str(space),
-               "--trials", "3", "--concurrent", "1", "--epochs", "1", "--workers", "1",
-               "--scheduler", "none", "--sampler", "random", "--seed", "5", "--name", "unstable",
-               "--storage", str(tmp_path / "studies"), "--tracking-uri", f"sqlite:///{database}",
-               "--batch-size", "32", "--set", "data.num_identities=64",
-               "--set", "data.samples_per_identity=8", "--set", "data.heldout_identities=32",
-               "--set", "model.width=16", "--set", "evaluation.num_pairs=400"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    command = tiny_study_command("unstable", tmp_path, "--space", str(space), "--trials", "3",
+                                 "--concurrent", "1", "--scheduler", "none", "--sampler", "random",
+                                 "--seed", "5")
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                             env=study_env())
     assert process.returncode == 0, process.stderr[-3000:]
 
     client = MlflowClient(f"sqlite:///{database}")
