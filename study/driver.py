@@ -182,6 +182,7 @@ def run_study(options: StudyOptions) -> StudyResult:
     started = time.perf_counter()
     os.environ.update(RAY_ENV)
     os.environ.update(DRIVER_ENV)
+    os.environ.update(options.tracking_credentials)
     options.study_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(options.tracking_uri)
     experiment_id, parent_run_id = open_parent_run(options)

@@ -18,6 +18,22 @@ TRIAL_CPUS = 0.1
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """``uri`` without ``user:password@``, and MLflow's environment variables carrying them.
+
+    MLflow prints run links with the tracking URI; credentials kept out of it travel as
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (HTTP basic auth) instead.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri, {}
+    credentials = {"MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username)}
+    if parts.password is not None:
+        credentials["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), credentials
+
+
 def redact_uri(uri: str) -> str:
     """``uri`` with any password in it replaced by ``***`` (safe to print or log)."""
     parts = urllib.parse.urlsplit(uri)
@@ -49,6 +65,8 @@ class StudyOptions:
     resume: bool
     ray_address: str | None = None
     cli_args: dict[str, Any] = field(default_factory=dict)
+    #: MLflow's basic-auth variables, taken out of the tracking URI (never logged)
+    tracking_credentials: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def study_dir(self) -> Path:

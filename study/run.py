@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ if __package__ in (None, ""):  # ``python study/run.py``: make the project impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search_spaces import SpaceError, load_spaces, shipped_space_files
-from study.options import SAMPLERS, TRIAL_CPUS, StudyOptions
+from study.options import SAMPLERS, TRIAL_CPUS, StudyOptions, redact_uri, split_credentials
+from workers.cli import OneLineParser
 from workers.config import ConfigError, parse_trial_config
 
 HOME = Path(os.environ.get("MARGINLAB_HOME", Path.home() / ".marginlab")).expanduser()
@@ -36,8 +39,8 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(prog="study/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="study/run.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--space", nargs="+", default=list(DEFAULT_SPACES),
         help="space files or shipped family names (several: a multi-loss study); shipped: "
@@ -101,6 +104,10 @@ def _check_ranges(args: argparse.Namespace) -> list[str]:
             errors.append(f"{flag} = {value!r} must be {allowed}")
     if args.name is not None and not args.name.replace("-", "_").isidentifier():
         errors.append(f"--name = {args.name!r} must use letters, digits, '-' and '_' only")
+    if args.data in ("image_folder", "recordio", "parquet") and args.data_path is None:
+        errors.append(f"--data-path is required by --data {args.data} (its file or folder)")
+    elif args.data == "synthetic" and args.data_path is not None:
+        errors.append("--data-path is not used by --data synthetic (drop it or pick a source)")
     if args.resume and args.name is None:
         errors.append("--resume needs --name (the study to resume)")
     if args.ray_address is None and args.concurrent >= 1 and args.workers >= 1:
@@ -115,7 +122,7 @@ def _check_ranges(args: argparse.Namespace) -> list[str]:
 
 def _check_tracking_uri(uri: str) -> str | None:
     if uri.startswith(("http://", "https://")):
-        return None
+        return _check_reachable(uri)
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.is_absolute():
@@ -123,6 +130,21 @@ def _check_tracking_uri(uri: str) -> str | None:
         return _check_writable(path.parent, "--tracking-uri")
     return (f"--tracking-uri = {uri!r} must be sqlite:///ABSOLUTE/PATH.db or "
             "http(s)://HOST:PORT (MLflow's ./mlruns file store is refused by MLflow 3)")
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """An MLflow server answers at ``uri`` (any HTTP status counts: auth may be on)."""
+    url = urllib.parse.urlsplit(uri)
+    if not url.hostname:
+        return f"--tracking-uri = {redact_uri(uri)!r} has no host (http(s)://HOST:PORT)"
+    try:
+        port = url.port or {"http": 80, "https": 443}[url.scheme]
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        return (f"--tracking-uri = {redact_uri(uri)!r} is unreachable ({reason}); start the "
+                "MLflow server or fix the URI")
 
 
 def _check_writable(directory: Path, flag: str) -> str | None:
@@ -195,16 +217,19 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
     if errors:
         raise UsageError("\n".join(errors))
     name = args.name or time.strftime("study-%Y%m%d-%H%M%S")
+    tracking_uri, credentials = split_credentials(args.tracking_uri)
     output = Path(args.output).expanduser().resolve() if args.output else storage / name / \
         "artifacts"
     return StudyOptions(
         name=name, spaces=spaces, base=base, num_trials=args.trials,
         max_concurrent=args.concurrent, epochs=args.epochs, num_workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, sampler=args.sampler, seed=args.seed,
-        scheduler=args.scheduler, tracking_uri=args.tracking_uri, storage_path=storage,
+        scheduler=args.scheduler, tracking_uri=tracking_uri, storage_path=storage,
         output=output, budget_fraction=args.budget_fraction, resume=args.resume,
         ray_address=args.ray_address,
-        cli_args={k: v for k, v in vars(args).items() if k != "ray_address"})
+        cli_args={**{k: v for k, v in vars(args).items() if k != "ray_address"},
+                  "tracking_uri": tracking_uri},
+        tracking_credentials=credentials)
 
 
 def main(argv: list[str] | None = None) -> int:

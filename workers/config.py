@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.backbones import BACKBONES
-from workers.losses import MarginLoss, build_loss
+from workers.data import DataConfig
+from workers.losses import MarginLoss, build_loss, list_losses
 
 CONFIG_VERSION = 1
 
@@ -33,7 +34,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML ``true`` or ``2.0`` is not an integer, ``"0.5"`` not a number
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class LossSpec(_Strict):
@@ -42,12 +44,16 @@ class LossSpec(_Strict):
     name: str = "arcface"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_loss(cls, value: Any) -> Any:
+        if value not in list_losses():
+            raise ValueError(f"not one of {list_losses()}")
+        return value
+
     @model_validator(mode="after")
     def _build(self) -> LossSpec:
-        try:
-            build_loss(self.name, **self.hyperparameters)
-        except KeyError as error:
-            raise ValueError(error.args[0]) from None
+        build_loss(self.name, **self.hyperparameters)
         return self
 
     def build(self) -> MarginLoss:
@@ -73,9 +79,9 @@ class ModelSpec(_Strict):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     width: Annotated[int, Field(ge=4, le=1024)] = 32
 
-    @field_validator("backbone")
+    @field_validator("backbone", mode="before")
     @classmethod
-    def _known_backbone(cls, value: str) -> str:
+    def _known_backbone(cls, value: Any) -> Any:
         if value not in BACKBONES:
             raise ValueError(f"not one of {list(BACKBONES)}")
         return value
@@ -145,13 +151,23 @@ class TrialConfig(_Strict):
 
 
 def parse_trial_config(data: Any, source: str = "trial config") -> TrialConfig:
-    """Validate a mapping; every problem becomes one line of a ``ConfigError``."""
+    """Validate a mapping (its ``data`` section against ``DataConfig`` too); every problem
+    becomes one line of a ``ConfigError``."""
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: must be a mapping of fields, got {type(data).__name__}"])
+    lines = []
+    if isinstance(data.get("data"), dict):
+        try:
+            DataConfig.model_validate(data["data"])
+        except ValidationError as error:
+            lines = format_validation_error(error, DataConfig, source, prefix="data")
     try:
-        return TrialConfig.model_validate(data)
+        config = TrialConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, TrialConfig, source)) from None
+        lines = format_validation_error(error, TrialConfig, source) + lines
+    if lines:
+        raise ConfigError(lines)
+    return config
 
 
 def read_yaml(path: str | Path, kind: str) -> Any:
@@ -171,11 +187,12 @@ def load_trial_config(path: str | Path) -> TrialConfig:
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel],
-                            source: str) -> list[str]:
-    """One line per pydantic error: ``source: field = value <what is allowed>``."""
+                            source: str, prefix: str = "") -> list[str]:
+    """One line per pydantic error: ``source: field = value <what is allowed>`` (field names
+    after ``prefix.`` when ``model`` is a section)."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         field = _field_info(model, item["loc"])
         value = item.get("input")
         if item["type"] == "extra_forbidden":
@@ -184,7 +201,7 @@ def format_validation_error(error: ValidationError, model: type[BaseModel],
             lines.append(f"{source}: {location} is not a known field; allowed: {allowed}")
         elif item["type"] == "missing":
             lines.append(f"{source}: {location} is required")
-        elif field is not None and (allowed := _allowed(field)):
+        elif field is not None and item["type"] != "value_error" and (allowed := _allowed(field)):
             lines.append(f"{source}: {location} = {value!r} {allowed}")
         else:
             message = item["msg"].removeprefix("Value error, ")
@@ -221,7 +238,8 @@ def _field_info(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
 
 
 def _allowed(field: Any) -> str:
-    """'is outside (0, 1]' / 'is not one of [...]' from a field's annotation and constraints."""
+    """'must be a number in (0, 1]' / 'is not one of [...]' / 'must be a mapping ...': what a
+    field allows, from its annotation and constraints ("" when nothing useful is known)."""
     low, high, low_open, high_open = None, None, False, False
     annotation, constraints = field.annotation, list(field.metadata)
     options = () if typing.get_origin(annotation) is Literal else typing.get_args(annotation)
@@ -239,11 +257,23 @@ def _allowed(field: Any) -> str:
             high, high_open = constraint.lt, True
         elif isinstance(constraint, annotated_types.Le):
             high = constraint.le
+    kind = "an integer" if annotation is int else "a number"
+    if low is None and high is None and annotation in (int, float):
+        return f"must be {kind}"
     if low is not None or high is not None:
-        kind = "an integer" if annotation is int else "a number"
         left = f"{'(' if low_open else '['}{low if low is not None else '-inf'}"
         right = f"{high if high is not None else 'inf'}{')' if high_open else ']'}"
         return f"must be {kind} in {left}, {right}"
     if typing.get_origin(field.annotation) is Literal:
         return f"is not one of {list(typing.get_args(field.annotation))}"
+    if annotation is bool:
+        return "must be true or false"
+    if (model := _model_type(annotation)) is not None:
+        return f"must be a mapping with fields {sorted(model.model_fields)}"
+    if typing.get_origin(annotation) is dict:
+        return "must be a mapping"
+    if typing.get_origin(annotation) is tuple:
+        return "must be a list"
+    if str in (annotation, *options):
+        return "must be a string"
     return ""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from workers.cli import OneLineParser
 from workers.config import ConfigError, TrialConfig, load_trial_config, parse_trial_config
 from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
 
@@ -26,23 +27,25 @@ from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-def check_resources(trial: TrialConfig, available: dict[str, float]) -> None:
-    """Fail with one line naming the field when the trial cannot be scheduled at all."""
-    resources = trial.resources
+def check_resources(trial: TrialConfig, available: dict[str, float], source: str = "") -> None:
+    """Fail with one line naming the field (after ``source: ``, when given) when the trial
+    cannot be scheduled at all."""
+    resources, where = trial.resources, f"{source}: " if source else ""
     cpus = resources.num_workers * resources.cpus_per_worker
     if cpus > available.get("CPU", 0.0) + 1e-9:
         raise ConfigError([
-            f"resources.num_workers = {resources.num_workers} × resources.cpus_per_worker = "
-            f"{resources.cpus_per_worker} needs {cpus:g} CPUs; the cluster has "
-            f"{available.get('CPU', 0.0):g}"])
+            f"{where}resources.num_workers = {resources.num_workers} × "
+            f"resources.cpus_per_worker = {resources.cpus_per_worker} needs {cpus:g} CPUs; "
+            f"the cluster has {available.get('CPU', 0.0):g}"])
     gpus = resources.num_workers * resources.gpus_per_worker
     if gpus > available.get("GPU", 0.0) + 1e-9:
         raise ConfigError([
-            f"resources.gpus_per_worker = {resources.gpus_per_worker} × {resources.num_workers} "
-            f"workers needs {gpus:g} GPUs; the cluster has {available.get('GPU', 0.0):g}"])
+            f"{where}resources.gpus_per_worker = {resources.gpus_per_worker} × "
+            f"{resources.num_workers} workers needs {gpus:g} GPUs; the cluster has "
+            f"{available.get('GPU', 0.0):g}"])
     if resources.precision == "fp16" and resources.gpus_per_worker == 0:
-        raise ConfigError(["resources.precision = 'fp16' needs GPUs (gpus_per_worker > 0); "
-                           "use 'bf16' or 'fp32' on CPU"])
+        raise ConfigError([f"{where}resources.precision = 'fp16' needs GPUs "
+                           "(gpus_per_worker > 0); use 'bf16' or 'fp32' on CPU"])
 
 
 def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
@@ -81,8 +84,8 @@ def export_final(checkpoint_dir: Path, trial: TrialConfig, metrics: dict[str, An
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workers.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m workers.train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="trial config YAML (a study exports it)")
     parser.add_argument("--workers", type=int, help="override resources.num_workers")
     parser.add_argument("--gpus-per-worker", type=float, help="override resources.gpus_per_worker")
@@ -113,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         from workers.data import load_dataset, parse_data_config
 
         load_dataset(parse_data_config(trial.data))  # data errors surface before Ray starts
+        if not os.environ.get("RAY_ADDRESS"):  # the local Ray gets this machine's CPUs/GPUs
+            check_resources(trial, {"CPU": float(os.cpu_count() or 1),
+                                    "GPU": float(torch.cuda.device_count())}, args.config)
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
     os.environ.update(HEALTH_CHECK_ENV)
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
                  runtime_env={"env_vars": HEALTH_CHECK_ENV})
     try:
-        check_resources(trial, ray.cluster_resources())
+        check_resources(trial, ray.cluster_resources(), args.config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

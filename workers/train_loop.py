@@ -67,6 +67,8 @@ class Runtime:
     backbone_parameters: int
     step: int = 0
     epoch: int = 0
+    #: times Ray Train restarted this run from a checkpoint (a worker died, the run resumed)
+    restarts: int = 0
     last_metrics: dict[str, float] | None = None
 
     @property
@@ -82,7 +84,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if runtime.epoch >= runtime.config.epochs and runtime.last_metrics:
         # resumed after the last epoch had been checkpointed: report its result again, so a
         # restarted trial still ends with its final metrics
-        report(runtime, runtime.last_metrics, checkpoint_state(runtime))
+        report(runtime, {**runtime.last_metrics, "restarts": float(runtime.restarts)},
+               checkpoint_state(runtime))
         return
     for epoch in range(runtime.epoch, runtime.config.epochs):
         metrics = train_epoch(runtime, epoch)
@@ -109,6 +112,7 @@ def setup(config: dict[str, Any]) -> Runtime:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(runtime, Path(directory))
+        runtime.restarts += 1
     elif config.get("resume_from"):
         load_checkpoint(runtime, Path(config["resume_from"]))
     return runtime
@@ -273,6 +277,7 @@ def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
         "diverged": 0.0,
         "epoch": float(epoch),
         "step": float(runtime.step),
+        "restarts": float(runtime.restarts),
         "loss": float(totals[0]) / samples,
         "intra_positive_logit": float(totals[1]) / samples,
         "inter_negative_lse": float(totals[2]) / samples,
@@ -380,6 +385,7 @@ def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
         "scaler": runtime.scaler.state_dict(),
         "step": runtime.step,
         "epoch": runtime.epoch,
+        "restarts": runtime.restarts,
         "world_size": runtime.world_size,
     }
 
@@ -402,6 +408,7 @@ def load_checkpoint(runtime: Runtime, directory: Path) -> None:
     runtime.scheduler.load_state_dict(state["scheduler"])
     runtime.scaler.load_state_dict(state["scaler"])
     runtime.step, runtime.epoch = int(state["step"]), int(state["epoch"])
+    runtime.restarts = int(state.get("restarts", 0))
     if (directory / METRICS_FILE).is_file():
         runtime.last_metrics = json.loads((directory / METRICS_FILE).read_text())
 

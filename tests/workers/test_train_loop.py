@@ -67,13 +67,14 @@ EXPECTED_METRICS = {
     "heldout_inter_separation_p99", "centre_inter_separation_mean", "samples_per_second",
     "epoch_train_seconds", "eval_seconds", "head_flops_per_sample", "head_bytes_per_step",
     "ddp_bytes_per_step", "peak_memory_bytes", "sampled_classes", "grad_norm", "epoch", "step",
+    "restarts",
 }
 
 
 def test_two_workers_two_epochs_report_every_metric(ray_local: Any, tmp_path: Path) -> None:
     result = _fit(_trial(), tmp_path, "full")
     metrics = result.metrics
-    assert metrics["diverged"] == 0 and metrics["epoch"] == 1
+    assert metrics["diverged"] == 0 and metrics["epoch"] == 1 and metrics["restarts"] == 0
     assert EXPECTED_METRICS <= set(metrics), EXPECTED_METRICS - set(metrics)
     assert metrics["verification_accuracy"] > 0.6, metrics["verification_accuracy"]
     # 96 classes over 2 shards, all sampled: K = 96, D = 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -11,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ._dataset import LabelledDataset
 from ._image_folder import load_image_folder
-from ._omniglot import alphabet_of_class, load_omniglot, resolve_omniglot_path
+from ._omniglot import alphabet_of_class, check_omniglot, load_omniglot, resolve_omniglot_path
 from ._pairs import PairSet, read_pairs_bin
-from ._parquet import read_parquet_features
-from ._recordio import load_recordio
+from ._parquet import check_parquet_features, read_parquet_features
+from ._recordio import check_recordio, load_recordio
 from ._split import split_dataset
 from ._synthetic import synthetic_identities
 
@@ -33,7 +34,8 @@ class DataConfig(BaseModel):
     ``pair_files`` are ``.bin`` verification sets loaded beside the split.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict, as the trial config: a YAML ``true`` or ``32.0`` is not an integer
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     source: Source = "synthetic"
     path: str | None = None
@@ -46,7 +48,7 @@ class DataConfig(BaseModel):
     samples_per_identity: int = Field(20, ge=2)
     heldout_identities: int = Field(200, ge=2)
     difficulty: float = Field(1.0, ge=0.0, le=4.0)
-    pair_files: tuple[str, ...] = ()
+    pair_files: tuple[str, ...] = Field((), strict=False)  # a YAML list
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -94,19 +96,36 @@ def parse_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
 
 
 def check_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
-    """``parse_data_config`` plus the cheap file checks a driver can do before starting Ray:
-    the data path (omniglot: the resolved npz) and every pair file exist. ``load_dataset``
-    validates the content."""
+    """``parse_data_config`` plus the file checks a driver can do before starting Ray: every
+    pair file loads, and the data path exists with the right kind and header (a folder, a
+    RecordIO index and first frame, a Parquet schema, an npz's arrays). ``load_dataset``
+    validates the rest. A problem is one line naming the file and the field."""
     config = parse_data_config(data, source)
-    paths = [Path(path) for path in config.pair_files]
+    checks: list[tuple[Path, str, Callable[[Path], object]]] = [
+        (Path(path), f"{source}.pair_files", read_pairs_bin) for path in config.pair_files]
     if config.source == "omniglot":
-        paths.append(resolve_omniglot_path(config.path))
+        checks.append((resolve_omniglot_path(config.path), f"{source}.source = 'omniglot'",
+                       check_omniglot))
     elif config.path:
-        paths.append(Path(config.path))
-    for path in paths:
+        checks.append((Path(config.path), f"{source}.source = {config.source!r}",
+                       _CONTENT_CHECKS[config.source]))
+    for path, where, check in checks:
         if not path.exists():
-            raise FileNotFoundError(f"{path}: not found ({source}.source = {config.source!r})")
+            raise FileNotFoundError(f"{path}: not found ({where})")
+        try:
+            check(path)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"{str(error).splitlines()[0]} ({where})") from None
     return config
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a folder (image_folder needs root/<identity>/<image>)")
+
+
+_CONTENT_CHECKS: dict[str, Callable[[Path], object]] = {
+    "image_folder": _check_folder, "recordio": check_recordio, "parquet": check_parquet_features}
 
 
 def load_dataset(config: DataConfig) -> DatasetSplit:

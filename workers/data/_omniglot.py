@@ -48,6 +48,19 @@ def alphabet_of_class() -> torch.Tensor:
         torch.tensor([count for _, count in ALPHABETS]))
 
 
+def check_omniglot(path: str | Path | None = None) -> None:
+    """The cheap check, before any loading: an npz archive holding ``images`` and ``labels``."""
+    path = resolve_omniglot_path(path)
+    try:
+        with np.load(path) as archive:
+            names = set(archive.files)
+    except (OSError, ValueError, TypeError):
+        raise ValueError(f"{path}: not an npz archive") from None
+    if not {"images", "labels"} <= names:
+        raise ValueError(f"{path}: not an omniglot npz: it needs 'images' and 'labels', has "
+                         f"{sorted(names)}")
+
+
 def load_omniglot(path: str | Path | None = None, image_size: int = 32,
                   flip: bool = False) -> TensorDataset:
     """All 19 280 drawings as ``(1, S, S)`` float32, labels = class (0 … 963)."""

@@ -37,6 +37,19 @@ def write_parquet_features(path: str | Path, embeddings: np.ndarray | torch.Tens
     pq.write_table(table, str(path))
 
 
+def check_parquet_features(path: str | Path) -> None:
+    """The cheap check, before any loading: a Parquet footer whose schema has the ``label``
+    and ``embedding`` columns. ``read_parquet_features`` checks every row."""
+    try:
+        names = pq.read_schema(str(path)).names
+    except (pa.ArrowException, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: not a Parquet file ({message})") from None
+    missing = sorted({"label", "embedding"} - set(names))
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing}; need 'label' and 'embedding'")
+
+
 def read_parquet_features(path: str | Path, num_classes: int | None = None) -> TensorDataset:
     """Load features ``(N, D)`` and labels; every check happens here, up front."""
     path = Path(path)

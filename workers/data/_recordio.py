@@ -206,6 +206,32 @@ def _paths(path: Path) -> tuple[Path, Path, Path]:
     return rec, rec.with_suffix(".idx"), rec.parent / "property"
 
 
+def check_recordio(path: str | Path) -> None:
+    """The cheap checks of a RecordIO set, before any loading: ``.rec`` and ``.idx`` exist, the
+    first index line is ``key<TAB>offset``, the first frame has the magic and fits in the file,
+    and ``property`` (when present) parses. ``load_recordio`` checks every record."""
+    rec_path, idx_path, property_path = _paths(Path(path))
+    for file in (rec_path, idx_path):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: RecordIO file not found")
+    with idx_path.open(errors="replace") as handle:
+        first = handle.readline()
+    fields = first.split()
+    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+        raise ValueError(f"{idx_path}:1: expected 'key<TAB>offset', got {first[:60]!r}")
+    size = rec_path.stat().st_size
+    with rec_path.open("rb") as handle:
+        header = handle.read(8)
+    magic, lrec = struct.unpack("<II", header) if len(header) == 8 else (None, 0)
+    if magic != MAGIC:
+        raise ValueError(f"{rec_path}: not a RecordIO file (no magic 0x{MAGIC:08x} at offset 0)")
+    if 8 + (lrec & _LENGTH_MASK) > size:
+        raise ValueError(f"{rec_path}: truncated; the first record runs past the end of the "
+                         f"file ({size} bytes)")
+    if property_path.is_file():
+        read_property(property_path)
+
+
 def read_property(path: str | Path) -> tuple[int, int, int]:
     """``(num_classes, height, width)`` from an insightface ``property`` file."""
     path = Path(path)
