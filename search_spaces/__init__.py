@@ -10,6 +10,7 @@ from ._space import (
     load_spaces,
     parse_space,
     shipped_space_files,
+    study_grid,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "load_spaces",
     "parse_space",
     "shipped_space_files",
+    "study_grid",
 ]

@@ -21,8 +21,9 @@ validating trial configs built from the range's end points (or each choice).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,18 @@ class SearchSpace:
         """Sample every parameter on ``trial`` (define-by-run); returns ``{key: value}``."""
         return {p.key: p.suggest(trial, prefix + p.key) for p in self.params}
 
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the categorical choices as ``{key: value}`` (the Cartesian
+        product, the last parameter varying fastest); ``SpaceError`` naming each parameter that
+        is not categorical."""
+        ranged = [p for p in self.params if p.distribution != "categorical"]
+        if ranged:
+            raise SpaceError([f"{self.path}: params.{p.key}: distribution {p.distribution}; "
+                              "--sampler grid needs categorical params" for p in ranged])
+        keys = [p.key for p in self.params]
+        return [dict(zip(keys, values, strict=True))
+                for values in itertools.product(*(p.choices for p in self.params))]
+
     def trial_config(self, values: Mapping[str, Any], base: Mapping[str, Any] | None = None
                      ) -> dict[str, Any]:
         """A trial-config mapping: ``base``, then ``fixed``, then the sampled ``values``."""
@@ -143,6 +156,20 @@ def load_spaces(paths: Iterable[str | Path]) -> list[SearchSpace]:
     if lines:
         raise SpaceError(lines)
     return spaces
+
+
+def study_grid(spaces: Sequence[SearchSpace]) -> list[tuple[SearchSpace, dict[str, Any]]]:
+    """The grid of a study: every space's ``grid_points()`` in order, concatenated; the
+    ``SpaceError`` lists the non-categorical parameters of every space."""
+    grid, lines = [], []
+    for space in spaces:
+        try:
+            grid += [(space, values) for values in space.grid_points()]
+        except SpaceError as error:
+            lines += error.lines
+    if lines:
+        raise SpaceError(lines)
+    return grid
 
 
 def shipped_space_files() -> list[Path]:

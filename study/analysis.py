@@ -131,6 +131,42 @@ def front_frame(front: Sequence[Point]) -> pd.DataFrame:
     return front_table(front).to_pandas()
 
 
+def front_of(runs: pd.DataFrame) -> list[Point]:
+    """The accuracy-vs-FLOPs front of the completed rows of ``runs`` (any mix of studies)."""
+    scored = completed(runs).dropna(subset=[ACCURACY, COMPUTE])
+    return non_dominated([Point(row.run_id, row.trial_id, row.space, getattr(row, ACCURACY),
+                                getattr(row, COMPUTE), {}, {})
+                          for row in scored.itertuples(index=False)])
+
+
+def seed_summary(runs: pd.DataFrame, by: str, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per value of ``by``: ``n`` completed runs and ``<metric>_mean`` / ``<metric>_std``
+    (sample std over the runs, i.e. the seeds; 0 for a single run) of each metric present."""
+    done = completed(runs)
+    present = [m for m in metrics if m in done.columns]
+    grouped = done.groupby(by, sort=False)[present]
+    summary = grouped.mean().add_suffix("_mean").join(
+        grouped.std(ddof=1).fillna(0.0).add_suffix("_std"))
+    summary.insert(0, "n", grouped.size())
+    return summary
+
+
+def plot_accuracy_vs_flops_by_point(summary: pd.DataFrame) -> Figure:
+    """Mean accuracy against mean head FLOPs per sample of each ``seed_summary`` row, with the
+    seeds' std as error bars."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    for label, row in summary.iterrows():
+        axes.errorbar(row[f"{COMPUTE}_mean"], row[f"{ACCURACY}_mean"],
+                      yerr=row[f"{ACCURACY}_std"], fmt="o", capsize=3, label=str(label))
+    _legend(axes)
+    axes.set_xscale("log")
+    axes.set_xlabel("head FLOPs per sample (log)")
+    axes.set_ylabel(f"{ACCURACY} (mean ± std over seeds)")
+    axes.set_title("accuracy vs compute")
+    return figure
+
+
 def best_per_loss(runs: pd.DataFrame) -> pd.DataFrame:
     """The most accurate completed child per loss (fewer FLOPs breaks ties), with its config.
 
@@ -145,11 +181,13 @@ def best_per_loss(runs: pd.DataFrame) -> pd.DataFrame:
     return best[["run_id", "space", ACCURACY, COMPUTE, *config]]
 
 
-def _scatter_by_loss(runs: pd.DataFrame, x: str, y: str) -> tuple[Figure, Axes]:
-    """A figure of the completed children's ``y`` against ``x``, one colour per loss."""
+def _scatter_by_loss(runs: pd.DataFrame, x: str, y: str, by: str = LOSS
+                     ) -> tuple[Figure, Axes]:
+    """A figure of the completed children's ``y`` against ``x``, one colour per value of
+    ``by`` (the loss)."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.add_subplot()
-    for loss, group in completed(runs).groupby(LOSS, sort=True):
+    for loss, group in completed(runs).groupby(by, sort=True):
         axes.scatter(group[x], group[y], label=str(loss), alpha=0.75)
     axes.set_xlabel(x)
     axes.set_ylabel(y)
@@ -162,9 +200,10 @@ def _legend(axes: Axes) -> None:
         axes.legend(fontsize=7)
 
 
-def plot_front(runs: pd.DataFrame, front: Sequence[Point]) -> Figure:
-    """Accuracy against head FLOPs per sample of the completed children, front highlighted."""
-    figure, axes = _scatter_by_loss(runs, COMPUTE, ACCURACY)
+def plot_front(runs: pd.DataFrame, front: Sequence[Point], by: str = LOSS) -> Figure:
+    """Accuracy against head FLOPs per sample of the completed children (one colour per value
+    of ``by``), front highlighted."""
+    figure, axes = _scatter_by_loss(runs, COMPUTE, ACCURACY, by)
     axes.plot([p.flops for p in front], [p.accuracy for p in front], "k--o", lw=1,
               mfc="none", ms=10, label="Pareto front")
     _legend(axes)

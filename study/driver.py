@@ -127,8 +127,9 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
         return tune.Tuner.restore(str(options.study_dir / "tune"), trainable,
                                   resume_unfinished=True, resume_errored=True)
     searcher = StudySearch(
-        space=SpaceSampler(options.spaces, options.base), metric=list(OBJECTIVES),
-        mode=list(MODES), sampler=build_sampler(options.sampler, options.seed),
+        space=SpaceSampler(options.spaces, options.base, grid=options.sampler == "grid"),
+        metric=list(OBJECTIVES), mode=list(MODES),
+        sampler=build_sampler(options.sampler, options.seed, options.spaces),
         study_name=options.name, storage=optuna.storages.RDBStorage(options.optuna_url),
         epochs=options.epochs)
     scheduler = (ASHAScheduler(metric=ACCURACY, mode="max", max_t=options.epochs,

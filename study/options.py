@@ -15,7 +15,7 @@ from search_spaces import SearchSpace
 #: CPU of each trial's own function (it only waits on the Train run)
 TRIAL_CPUS = 0.1
 #: Optuna samplers a study can use
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
 
 
 def split_credentials(uri: str) -> tuple[str, dict[str, str]]:

@@ -23,7 +23,7 @@ import yaml
 if __package__ in (None, ""):  # ``python study/run.py``: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search_spaces import SpaceError, load_spaces, shipped_space_files
+from search_spaces import SearchSpace, SpaceError, load_spaces, shipped_space_files, study_grid
 from study.options import SAMPLERS, TRIAL_CPUS, StudyOptions, redact_uri, split_credentials
 from workers.cli import OneLineParser
 from workers.config import ConfigError, parse_trial_config
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--space", nargs="+", default=list(DEFAULT_SPACES),
         help="space files or shipped family names (several: a multi-loss study); shipped: "
              + ", ".join(p.stem for p in shipped_space_files()))
-    add("--trials", type=int, default=4, help="number of trials (≥ 1)")
+    add("--trials", type=int, default=4,
+        help="number of trials (≥ 1); with --sampler grid at most the number of grid points, "
+             "and equal to it runs every point exactly once")
     add("--concurrent", type=int, default=2, help="trials running at once (≥ 1)")
     add("--workers", type=int, default=2, help="Ray Train workers per trial (≥ 1)")
     add("--cpus-per-worker", type=float, default=0.45, help="CPUs per worker (> 0)")
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-path", default=None, help="data file or folder (not for synthetic)")
     add("--epochs", type=int, default=2, help="epochs per trial (≥ 1)")
     add("--batch-size", type=int, default=128, help="per-worker batch size (≥ 2)")
-    add("--sampler", default="tpe", help=f"Optuna sampler: {', '.join(SAMPLERS)}")
+    add("--sampler", default="tpe",
+        help=f"Optuna sampler: {', '.join(SAMPLERS)} (grid: every combination of the spaces' "
+             "categorical params, concatenated over --space; other params are refused)")
     add("--scheduler", default="asha", help="early stopping on accuracy: asha or none")
     add("--seed", type=int, default=0, help="seed of the sampler and of every trial (≥ 0)")
     add("--tracking-uri", default=f"sqlite:///{HOME / 'mlflow.db'}",
@@ -158,6 +162,16 @@ def _check_writable(directory: Path, flag: str) -> str | None:
     return None
 
 
+def _check_grid(trials: int, spaces: tuple[SearchSpace, ...]) -> list[str]:
+    """``--trials`` ≤ the grid size (``SpaceError`` for a non-categorical parameter)."""
+    size = len(study_grid(spaces))
+    if trials <= size:
+        return []
+    names = ", ".join(space.name for space in spaces)
+    return [f"--trials = {trials} must be ≤ {size}, the number of grid points of --sampler grid "
+            f"over {names} (--trials {size} runs every point once)"]
+
+
 def _apply_overrides(base: dict[str, Any], assignments: list[str]) -> list[str]:
     """``--set a.b=value`` into ``base`` (values parsed as YAML scalars)."""
     errors = []
@@ -199,6 +213,8 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
     spaces: tuple = ()
     try:
         spaces = tuple(load_spaces(_space_paths(args.space)))
+        if args.sampler == "grid":
+            errors += _check_grid(args.trials, spaces)
     except SpaceError as error:
         errors += error.lines
     base = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,

@@ -2,7 +2,10 @@
 
 Objectives: verification accuracy (maximise) and head FLOPs per sample (minimise). A multi-loss
 study first picks the space (``space`` categorical), then samples that space's parameters under
-``<space>.<key>`` names, so families never share a distribution.
+``<space>.<key>`` names, so families never share a distribution. With ``--sampler grid`` a
+trial instead samples one categorical ``grid_point``, an index into the study's grid
+(``search_spaces.study_grid``: every space's categorical combinations, concatenated), which
+Optuna's ``GridSampler`` hands out once each.
 
 Ray's ``OptunaSearch`` tells Optuna COMPLETE with whatever the last result held. Here a trial
 that diverged, or that errored, is FAIL, and a trial the scheduler stopped before its last
@@ -17,7 +20,7 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from search_spaces import SearchSpace
+from search_spaces import SearchSpace, study_grid
 from study.options import SAMPLERS
 from workers.config import parse_trial_config
 
@@ -25,33 +28,61 @@ ACCURACY = "verification_accuracy"
 COMPUTE = "head_flops_per_sample"
 OBJECTIVES = (ACCURACY, COMPUTE)
 MODES = ("max", "min")
+#: the one Optuna parameter of a grid study: an index into ``study_grid(spaces)``
+GRID_PARAM = "grid_point"
 
 
 class SpaceSampler:
-    """Define-by-run function: returns the trial config (``{"trial": ..., "space": ...}``)."""
+    """Define-by-run function: returns the trial config (``{"trial": ..., "space": ...}``).
 
-    def __init__(self, spaces: Sequence[SearchSpace], base: Mapping[str, Any]) -> None:
+    ``grid``: sample the index ``grid_point`` into ``study_grid(spaces)`` instead of each
+    parameter.
+    """
+
+    def __init__(self, spaces: Sequence[SearchSpace], base: Mapping[str, Any],
+                 grid: bool = False) -> None:
         self.spaces = {space.name: space for space in spaces}
         self.base = dict(base)
+        self.grid = study_grid(spaces) if grid else []
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        names = list(self.spaces)
-        name = names[0] if len(names) == 1 else trial.suggest_categorical("space", names)
-        space = self.spaces[name]
-        prefix = "" if len(names) == 1 else f"{name}."
-        values = space.suggest(trial, prefix)
+        if self.grid:
+            index = trial.suggest_categorical(GRID_PARAM, list(range(len(self.grid))))
+            space, values = self.grid[index]
+        else:
+            names = list(self.spaces)
+            name = names[0] if len(names) == 1 else trial.suggest_categorical("space", names)
+            space = self.spaces[name]
+            values = space.suggest(trial, "" if len(names) == 1 else f"{name}.")
         config = parse_trial_config(space.trial_config(values, self.base), space.path)
-        return {"space_name": name, "trial": config.model_dump(mode="json")}
+        return {"space_name": space.name, "trial": config.model_dump(mode="json")}
 
 
-def build_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """``tpe`` (multi-objective TPE), ``nsga2`` or ``random``, seeded."""
+class StudyGridSampler(optuna.samplers.GridSampler):
+    """``GridSampler`` that leaves ending the study to Tune (``num_samples``).
+
+    ``GridSampler.after_trial`` calls ``study.stop()`` once the grid is exhausted, which raises
+    outside ``Study.optimize`` — and Tune drives Optuna through ask and tell. Which point a
+    trial gets is unchanged: ``before_trial`` skips points RUNNING or finished.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
+        """Nothing: Tune stops asking after ``--trials``."""
+
+
+def build_sampler(name: str, seed: int, spaces: Sequence[SearchSpace] = ()
+                  ) -> optuna.samplers.BaseSampler:
+    """``tpe`` (multi-objective TPE), ``nsga2``, ``random`` or ``grid`` (over
+    ``study_grid(spaces)``), seeded."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return StudyGridSampler({GRID_PARAM: list(range(len(study_grid(spaces))))}, seed=seed)
     raise ValueError(f"--sampler = {name!r} is not one of {list(SAMPLERS)}")
 
 

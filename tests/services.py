@@ -158,6 +158,19 @@ class RayCluster:
             raise RuntimeError(f"ray start failed: {started.stderr[-3000:]}")
         wait_for_http(f"{self.dashboard_url}/api/version", timeout=120)
 
+    @property
+    def gcs_address(self) -> str:
+        """Where nodes join: the host's own address (Ray's choice, see above) and GCS port."""
+        return (self.root / "ray" / "ray_current_cluster").read_text().strip()
+
+    def join(self, num_cpus: int = 1,
+             token: str | None = "own") -> subprocess.CompletedProcess[str]:
+        """``ray start --address=<head>`` for one more node on this machine."""
+        return subprocess.run(
+            [str(RAY_CLI), "start", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+             "--disable-usage-stats"],
+            env=self.env(token), capture_output=True, text=True, timeout=120)
+
     def processes(self) -> list[psutil.Process]:
         """This cluster's processes: those naming its temp dir or GCS port, and descendants."""
         marks = (str(self.root / "ray"), f":{self.gcs_port}")

@@ -120,6 +120,19 @@ def test_submission_without_the_token_is_refused(submitted: SubmittedStudy, toke
     assert "study-1" in listed.stdout and "refused-" not in listed.stdout
 
 
+def test_a_node_joins_with_the_token_and_not_without(submitted: SubmittedStudy) -> None:
+    cluster = submitted.cluster
+    refused = cluster.join(token="0" * 64)
+    assert refused.returncode != 0
+    assert "Authentication token is missing or incorrect" in refused.stdout + refused.stderr
+    joined = cluster.join()
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    status = _ray(cluster, "status", f"--address={cluster.gcs_address}")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"0.0/{cluster.num_cpus + 1}.0 CPU" in status.stdout  # the head's 2 and the node's 1
+    assert status.stdout.split("Active:")[1].split("Pending:")[0].count("node_") == 2
+
+
 def test_services_listen_on_loopback_only(submitted: SubmittedStudy) -> None:
     assert listening_addresses(submitted.server.port) == {"127.0.0.1"}
     assert listening_addresses(submitted.cluster.dashboard_port) == {"127.0.0.1"}

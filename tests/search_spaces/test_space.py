@@ -27,6 +27,30 @@ def test_every_family_ships_a_valid_space() -> None:
                 parse_trial_config(space.trial_config({parameter.key: value}), space.path)
 
 
+def test_grid_points_are_the_product_of_the_choices_in_file_order() -> None:
+    space = parse_space(_space({
+        "loss.margin": {"distribution": "categorical", "choices": [0.3, 0.5]},
+        "head.sampling": {"distribution": "categorical", "choices": ["uniform", "batch"]},
+        "seed": {"distribution": "categorical", "choices": [0, 1, 2]}}), "g.yaml")
+    points = space.grid_points()
+    assert len(points) == 12
+    assert points[:4] == [{"loss.margin": 0.3, "head.sampling": "uniform", "seed": s}
+                          for s in (0, 1, 2)] + [{"loss.margin": 0.3, "head.sampling": "batch",
+                                                  "seed": 0}]
+    for values in points:
+        parse_trial_config(space.trial_config(values), space.path)
+
+
+def test_grid_points_refuse_ranges() -> None:
+    space = parse_space(_space({
+        "loss.margin": {"distribution": "uniform", "low": 0.2, "high": 0.6},
+        "seed": {"distribution": "categorical", "choices": [0, 1]}}), "g.yaml")
+    with pytest.raises(SpaceError) as error:
+        space.grid_points()
+    assert error.value.lines == ["g.yaml: params.loss.margin: distribution uniform; "
+                                 "--sampler grid needs categorical params"]
+
+
 def _space(params: dict, **top: object) -> dict:
     return {"version": 1, "name": "t", "loss": "arcface", "params": params, **top}
 

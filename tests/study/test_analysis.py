@@ -138,6 +138,24 @@ def test_front_is_study_pareto_front(store: Store) -> None:
     assert list(table[COMPUTE]) == [50.0, 100.0, 200.0]
 
 
+def test_front_of_a_runs_table_matches_the_study_front(store: Store) -> None:
+    study = analysis.load_study(store.uri, STUDY)
+    front = analysis.front_of(study.runs)
+    assert [p.run_id for p in front] == [p.run_id for p in analysis.pareto_front(study)]
+
+
+def test_seed_summary_is_mean_and_std_of_completed_runs(store: Store) -> None:
+    runs = analysis.load_study(store.uri, STUDY).runs
+    summary = analysis.seed_summary(runs, analysis.LOSS, [ACCURACY, COMPUTE, "absent"])
+    assert list(summary["n"]) == [2, 2]
+    arcface = summary.loc["arcface"]
+    assert arcface[f"{ACCURACY}_mean"] == pytest.approx(0.825)
+    assert arcface[f"{ACCURACY}_std"] == pytest.approx(np.std([0.80, 0.85], ddof=1))
+    assert "absent_mean" not in summary
+    figure = analysis.plot_accuracy_vs_flops_by_point(summary)
+    assert len(figure.axes[0].containers) == 2  # one error bar per row
+
+
 def test_plots_show_the_completed_runs_and_the_front(store: Store) -> None:
     study = analysis.load_study(store.uri, STUDY)
     front = analysis.pareto_front(study)

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.pareto import completed_points, non_dominated
-from study.run import build_parser, options_from_args
+from study.run import UsageError, build_parser, options_from_args
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
 from workers.config import parse_trial_config
 
@@ -43,7 +43,8 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     (["--trials", "0"], "error: --trials = 0 must be an integer ≥ 1"),
     (["--workers", "9"], "error: --workers = 9 × --cpus-per-worker = 0.45 (+ 0.1 per trial) "
                          "needs 4.15 CPUs; this machine has"),
-    (["--sampler", "grid"], "error: --sampler = 'grid' must be one of ['tpe', 'nsga2', 'random']"),
+    (["--sampler", "cmaes"], "error: --sampler = 'cmaes' must be one of ['tpe', 'nsga2', "
+                             "'random', 'grid']"),
     (["--tracking-uri", "./mlruns"], "error: --tracking-uri = './mlruns' must be "
                                      "sqlite:///ABSOLUTE/PATH.db or http(s)://HOST:PORT"),
     (["--storage", "relative/dir"], "error: --storage = 'relative/dir' must be an absolute path"),
@@ -81,6 +82,29 @@ def test_bad_space_file_lists_every_error_fast(tmp_path: Path) -> None:
         f"error: {space}: params.head.sample_ratio: head.sample_ratio = 0.0 must be a number "
         "in (0.0, 1.0]",
     ]
+
+
+def test_grid_sampler_validates_trials_and_params_before_ray(tmp_path: Path) -> None:
+    space = tmp_path / "seeds.yaml"
+    space.write_text(yaml.safe_dump({
+        "version": 1, "name": "seeds", "loss": "normface",
+        "params": {"seed": {"distribution": "categorical", "choices": [0, 1, 2]}}}))
+    common = ["--sampler", "grid", "--storage", str(tmp_path),
+              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    args = build_parser().parse_args(["--space", str(space), "--trials", "3", *common])
+    assert options_from_args(args).sampler == "grid"
+    args = build_parser().parse_args(["--space", str(space), "arcface", "--trials", "4",
+                                      *common])
+    with pytest.raises(UsageError) as error:
+        options_from_args(args)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("arcface.yaml: params.loss.margin: distribution uniform; "
+                             "--sampler grid needs categorical params")
+    args = build_parser().parse_args(["--space", str(space), "--trials", "4", *common])
+    with pytest.raises(UsageError, match=r"^--trials = 4 must be ≤ 3, the number of grid points "
+                                         r"of --sampler grid over seeds \(--trials 3 runs "
+                                         r"every point once\)$"):
+        options_from_args(args)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
+import yaml
 
-from search_spaces import load_spaces, shipped_space_files
-from study.searcher import SpaceSampler, build_sampler, trial_outcome
+from search_spaces import SpaceError, load_spaces, shipped_space_files
+from study.searcher import GRID_PARAM, SpaceSampler, build_sampler, trial_outcome
 from workers.config import parse_trial_config
 
 
@@ -57,5 +60,50 @@ def test_multi_space_study_picks_a_space_then_its_prefixed_parameters() -> None:
 
 
 def test_unknown_sampler() -> None:
-    with pytest.raises(ValueError, match="--sampler = 'grid' is not one of"):
-        build_sampler("grid", 0)
+    with pytest.raises(ValueError, match="--sampler = 'cmaes' is not one of"):
+        build_sampler("cmaes", 0)
+
+
+def _grid_spaces(tmp_path: Path) -> list:
+    """arcface: 2 margins × 2 seeds; cosface: 3 seeds — a grid of 7 points."""
+    files = []
+    for name, params in (
+            ("arcface", {"loss.margin": [0.3, 0.5], "seed": [0, 1]}),
+            ("cosface", {"seed": [0, 1, 2]})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "version": 1, "name": name, "loss": name, "fixed": {"loss": {"scale": 32.0}},
+            "params": {k: {"distribution": "categorical", "choices": v}
+                       for k, v in params.items()}}))
+        files.append(path)
+    return load_spaces(files)
+
+
+def test_grid_runs_each_point_once_even_when_asked_concurrently(tmp_path: Path) -> None:
+    spaces = _grid_spaces(tmp_path)
+    sampler = SpaceSampler(spaces, {"epochs": 1}, grid=True)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=build_sampler("grid", 0, spaces))
+    # Tune asks for every concurrent trial before telling any: RUNNING points are skipped
+    trials = [study.ask() for _ in range(7)]
+    configs = [parse_trial_config(sampler(trial)["trial"]) for trial in trials]
+    assert sorted(t.params[GRID_PARAM] for t in trials) == list(range(7))
+    assert all(set(t.params) == {GRID_PARAM} for t in trials)
+    points = sorted((c.loss.name, c.loss.hyperparameters.get("margin"), c.seed)
+                    for c in configs)
+    assert points == [("arcface", 0.3, 0), ("arcface", 0.3, 1), ("arcface", 0.5, 0),
+                      ("arcface", 0.5, 1), ("cosface", None, 0), ("cosface", None, 1),
+                      ("cosface", None, 2)]
+    assert all(c.loss.hyperparameters["scale"] == 32.0 and c.epochs == 1 for c in configs)
+    for trial in trials:  # telling the last point must not raise (GridSampler's study.stop())
+        study.tell(trial, [0.5, 1.0])
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 7
+
+
+def test_grid_refuses_non_categorical_params() -> None:
+    with pytest.raises(SpaceError) as error:
+        build_sampler("grid", 0, _shipped("cosface"))
+    assert error.value.lines[0].endswith(
+        "cosface.yaml: params.loss.margin: distribution uniform; --sampler grid needs "
+        "categorical params")
+    assert len(error.value.lines) == 4  # every non-categorical parameter, one line each
