@@ -237,10 +237,9 @@ def _field_info(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
     return parent.model_fields.get(loc[-1])
 
 
-def _allowed(field: Any) -> str:
-    """'must be a number in (0, 1]' / 'is not one of [...]' / 'must be a mapping ...': what a
-    field allows, from its annotation and constraints ("" when nothing useful is known)."""
-    low, high, low_open, high_open = None, None, False, False
+def field_constraints(field: Any) -> tuple[Any, list[Any]]:
+    """A pydantic field's base annotation (inside ``X | None`` and ``Annotated``) and its
+    constraints (``Ge``, ``Lt``, ...)."""
     annotation, constraints = field.annotation, list(field.metadata)
     options = () if typing.get_origin(annotation) is Literal else typing.get_args(annotation)
     for option in options:
@@ -248,6 +247,16 @@ def _allowed(field: Any) -> str:
             annotation = typing.get_args(option)[0]
             for extra in option.__metadata__:
                 constraints += getattr(extra, "metadata", [extra])
+    return annotation, constraints
+
+
+def _allowed(field: Any) -> str:
+    """'must be a number in (0, 1]' / 'is not one of [...]' / 'must be a mapping ...': what a
+    field allows, from its annotation and constraints ("" when nothing useful is known)."""
+    low, high, low_open, high_open = None, None, False, False
+    annotation, constraints = field_constraints(field)
+    declared = field.annotation
+    options = () if typing.get_origin(declared) is Literal else typing.get_args(declared)
     for constraint in constraints:
         if isinstance(constraint, annotated_types.Gt):
             low, low_open = constraint.gt, True

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import annotated_types
 import pytest
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from search_spaces import SpaceError, load_space
 from study import run as study_run
 from workers import train as workers_train
-from workers.config import ConfigError, TrialConfig, parse_trial_config
+from workers.config import ConfigError, TrialConfig, field_constraints, parse_trial_config
 from workers.data import DataConfig, write_recordio
 from workers.losses import Choice, Interval, get_loss_class, list_losses
 
@@ -79,25 +79,13 @@ def _not_a_file(name: str) -> Make:
 
 # --- trial-config fields, walked from the pydantic models ------------------------------------
 
-def _constraints(field: Any) -> tuple[Any, list[Any]]:
-    """The base annotation (inside ``X | None`` and ``Annotated``) and its constraints."""
-    annotation, constraints = field.annotation, list(field.metadata)
-    options = () if typing.get_origin(annotation) is Literal else typing.get_args(annotation)
-    for option in options:
-        if typing.get_origin(option) is Annotated:
-            annotation = typing.get_args(option)[0]
-            for extra in option.__metadata__:
-                constraints += getattr(extra, "metadata", [extra])
-    return annotation, constraints
-
-
 FieldCase = tuple[str, Any, tuple[str, ...]]
 
 
 def _field_cases(name: str, field: Any, wrap: Callable[[Any], dict[str, Any]],
                  where: str) -> list[FieldCase]:
     """``(label, bad value, expected)`` for one field: each bound crossed, wrong types."""
-    annotation, constraints = _constraints(field)
+    annotation, constraints = field_constraints(field)
     key = f"{where}.{name}" if where else name
     cases = []
     if typing.get_origin(annotation) is Literal:
