@@ -35,8 +35,22 @@ from study.pareto import (
     write_front,
 )
 from study.progress import ProgressTable
-from study.searcher import ACCURACY, MODES, OBJECTIVES, SpaceSampler, StudySearch, build_sampler
-from study.tracking import OUTCOME_TAG, STUDY_TAG, ChildRunCallback, RetryingClient
+from study.searcher import (
+    ACCURACY,
+    MODES,
+    OBJECTIVES,
+    TUNE_TRIAL_ATTR,
+    SpaceSampler,
+    StudySearch,
+    build_sampler,
+)
+from study.tracking import (
+    OUTCOME_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    ChildRunCallback,
+    RetryingClient,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,23 +170,26 @@ def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: 
     A trial the driver had started but Tune had not yet saved in its experiment state is not
     restored by ``--resume``: its MLflow child stays RUNNING and its Optuna trial RUNNING. They
     become KILLED (tag ``marginlab.outcome = interrupted``) and FAIL, so each started trial
-    appears exactly once, with what happened to it. Returns how many were closed.
+    appears exactly once, with what happened to it. An Optuna trial asked for just before the
+    kill, whose Tune trial never started (no child run), becomes FAIL with the user attribute
+    ``marginlab.outcome = never_started``. Returns how many child runs were closed.
     """
     import optuna
 
     client = RetryingClient(options.tracking_uri)
-    open_runs = client.call(
-        "search_runs", [experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and "
-                      "attributes.status = 'RUNNING'")
+    children = client.call("search_runs", [experiment_id],
+                           filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+    open_runs = [run for run in children if run.info.status == "RUNNING"]
     for run in open_runs:
         client.call("set_tag", run.info.run_id, OUTCOME_TAG, "interrupted")
         client.call("set_terminated", run.info.run_id, "KILLED")
+    started = {run.data.tags.get(TRIAL_ID_TAG) for run in children}
     study = optuna.load_study(study_name=options.name, storage=options.optuna_url)
-    running = [t.number for t in study.get_trials(deepcopy=False,
-                                                  states=(optuna.trial.TrialState.RUNNING,))]
-    for number in running:
-        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(TUNE_TRIAL_ATTR) not in started:
+            optuna.trial.Trial(study, trial._trial_id).set_user_attr(OUTCOME_TAG,
+                                                                     "never_started")
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(open_runs)
 
 

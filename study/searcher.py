@@ -97,12 +97,23 @@ def trial_outcome(result: Mapping[str, Any] | None, error: bool, epochs: int) ->
     return "complete"
 
 
+#: Optuna user attribute: the Tune trial id an Optuna trial was asked for
+TUNE_TRIAL_ATTR = "tune_trial_id"
+
+
 class StudySearch(OptunaSearch):
-    """``OptunaSearch`` that records divergence as FAIL and early stops as PRUNED."""
+    """``OptunaSearch`` that records divergence as FAIL and early stops as PRUNED, and tags
+    each Optuna trial with its Tune trial id (``TUNE_TRIAL_ATTR``)."""
 
     def __init__(self, *args: Any, epochs: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.epochs = epochs
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,14 @@ def test_a_node_joins_with_the_token_and_not_without(submitted: SubmittedStudy) 
     assert "Authentication token is missing or incorrect" in refused.stdout + refused.stderr
     joined = cluster.join()
     assert joined.returncode == 0, joined.stderr[-2000:]
-    status = _ray(cluster, "status", f"--address={cluster.gcs_address}")
-    assert status.returncode == 0, status.stderr[-2000:]
-    assert f"0.0/{cluster.num_cpus + 1}.0 CPU" in status.stdout  # the head's 2 and the node's 1
+    deadline = time.monotonic() + 60
+    while True:  # the autoscaler's status lists a new node a few seconds after it joined
+        status = _ray(cluster, "status", f"--address={cluster.gcs_address}")
+        assert status.returncode == 0, status.stderr[-2000:]
+        if f"0.0/{cluster.num_cpus + 1}.0 CPU" in status.stdout:  # the head's 2, the node's 1
+            break
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(2)
     assert status.stdout.split("Active:")[1].split("Pending:")[0].count("node_") == 2
 
 

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from study.searcher import TUNE_TRIAL_ATTR
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
 from tests.services import study_env, tiny_study_command
 
@@ -71,9 +72,14 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Pa
     study = optuna.load_study(study_name="killed",
                               storage=f"sqlite:///{tmp_path / 'studies' / 'killed' / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert len(study.trials) == len(children)
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
     assert optuna.trial.TrialState.RUNNING not in states
+    # every started trial once, tied to its child run; one asked for just before the kill
+    # whose Tune trial never started has no child run and is FAIL, marked never_started
+    started = [t for t in study.trials if t.user_attrs.get(OUTCOME_TAG) != "never_started"]
+    assert sorted(t.user_attrs[TUNE_TRIAL_ATTR] for t in started) == sorted(trial_ids)
+    assert [t.state for t in started].count(optuna.trial.TrialState.COMPLETE) == 4
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials
+               if t not in started)
 
 
 def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
