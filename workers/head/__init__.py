@@ -6,7 +6,7 @@ then ``loss_value = head(local_embeddings, local_labels)``.
 
 from __future__ import annotations
 
-from ._function import ChunkedLSE
+from ._function import ChunkedLSE, LSEOptions
 from ._partition import HeadShard, partition_n_into_range
 from ._sampling import SampledClasses, sample_classes
 from .head import SampledSoftmaxHead, initial_rows
@@ -14,6 +14,7 @@ from .head import SampledSoftmaxHead, initial_rows
 __all__ = [
     "ChunkedLSE",
     "HeadShard",
+    "LSEOptions",
     "SampledClasses",
     "SampledSoftmaxHead",
     "initial_rows",

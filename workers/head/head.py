@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 import torch
@@ -14,12 +15,13 @@ from workers.losses import MarginLoss, Target
 from workers.seeding import derive_seed
 
 from ._collectives import all_gather_rows, all_reduce_sum, gather_rows, local_rows, scatter_rows_sum
-from ._function import ChunkedLSE
+from ._function import ChunkedLSE, LSEOptions
 from ._partition import HeadShard, partition_n_into_range
 from ._sampling import SampledClasses, sample_classes
+from ._sparse_step import check_sparse_optimizer, sparse_row_step
 
 Sampling = Literal["uniform", "batch"]
-UnsampledRows = Literal["dense", "frozen"]
+UnsampledRows = Literal["dense", "frozen", "sparse"]
 #: rows per block of the initial class centres; each block has its own seed
 INIT_BLOCK_ROWS = 4096
 #: standard deviation of the initial class centres (Partial FC's normal(0, 0.01))
@@ -81,14 +83,20 @@ class SampledSoftmaxHead(nn.Module):
       weight and of each such state tensor, saved before and written back after the step
       (≈ (1 − r) × shard × (1 + #state tensors) elements of extra memory). Scalar state, e.g.
       Adam's ``step`` (bias correction), is shared by all rows and still advances.
+    * ``unsampled_rows='sparse'`` (Partial FC v1, O(r·C) per step): the gradient is a sparse
+      COO tensor of the sampled rows only, and ``attach_optimizer(optimizer)`` (SGD, Adam or
+      AdamW) applies the optimizer's own update to those rows and their state alone. The
+      result equals ``frozen``; the gradient, the update and its memory traffic scale with
+      the sampled rows instead of the shard (see ``_sparse_step``).
 
     ``step``: pass it to ``forward``, or leave ``None`` to use ``step_count``, which every
     training-mode forward that does so increments. It seeds the sampling and is ``Target.step``.
 
     ``chunk_size``: classes per chunk of the log-sum-exp (peak extra memory O(B·chunk + B·D)
-    plus the dense shard gradient); ``None`` picks ``AUTO_CHUNK_LOGITS / B_global``. Under
-    autocast the chunk products run in the autocast dtype and the log-sum-exp in float32
-    (float64 inputs stay float64). Do not wrap the head in ``DistributedDataParallel``: its
+    plus the shard gradient); ``None`` picks ``AUTO_CHUNK_LOGITS / B_global``. Under autocast
+    the embeddings are exchanged and the chunk products run in the autocast dtype, the
+    log-sum-exp, the per-row terms and the loss in float32 (float64 inputs stay float64). Do
+    not wrap the head in ``DistributedDataParallel``: its
     weight is a shard and its gradients need no all-reduce.
     """
 
@@ -116,9 +124,9 @@ class SampledSoftmaxHead(nn.Module):
             raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
         if sampling not in ("uniform", "batch"):
             raise ValueError(f"sampling = {sampling!r} must be one of {{'uniform', 'batch'}}")
-        if unsampled_rows not in ("dense", "frozen"):
-            raise ValueError(
-                f"unsampled_rows = {unsampled_rows!r} must be one of {{'dense', 'frozen'}}")
+        if unsampled_rows not in typing.get_args(UnsampledRows):
+            raise ValueError(f"unsampled_rows = {unsampled_rows!r} must be one of "
+                             f"{set(typing.get_args(UnsampledRows))}")
         self.shard = HeadShard.from_num_classes(num_classes, process_group)
         self.embedding_dim, self.num_classes, self.loss = embedding_dim, num_classes, loss
         self.sample_ratio, self.sampling, self.chunk_size = sample_ratio, sampling, chunk_size
@@ -154,7 +162,8 @@ class SampledSoftmaxHead(nn.Module):
         acc = torch.float64 if local_embeddings.dtype == torch.float64 else torch.float32
         x_hat = (F.normalize(local_embeddings, dim=1) if loss.normalize_embeddings
                  else local_embeddings)
-        x_global = gather_rows(x_hat, sizes, shard)
+        # exchanged in the dtype of the products (the autocast dtype under autocast)
+        x_global = gather_rows(x_hat.to(self._compute_dtype(x_hat)), sizes, shard)
         labels = all_gather_rows(local_labels, sizes, shard)
 
         generator = torch.Generator(device=self.weight.device)
@@ -202,11 +211,13 @@ class SampledSoftmaxHead(nn.Module):
         """
         loss = self.loss
         linear_phi = type(loss).phi is MarginLoss.phi
+        options = LSEOptions(
+            phi=_identity if linear_phi else loss.phi, normalize_weights=loss.normalize_weights,
+            chunk_size=self._chunk_size(x_global), shard=self.shard,
+            compute_dtype=self._compute_dtype(x_global),
+            sparse_weight_grad=self.unsampled_rows == "sparse")
         return ChunkedLSE.apply(x_global * loss.scale_value() if linear_phi else x_global,
-                                self.weight, sample.index, sample.target,
-                                _identity if linear_phi else loss.phi, loss.normalize_weights,
-                                self._chunk_size(x_global), self.shard,
-                                self._compute_dtype(x_global))
+                                self.weight, sample.index, sample.target, options)
 
     def _chunk_size(self, x: torch.Tensor) -> int:
         """``chunk_size``, or the auto size: a fixed logit budget over the global batch rows."""
@@ -251,7 +262,8 @@ class SampledSoftmaxHead(nn.Module):
 
     # --- optimizer policy for unsampled rows ----------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
-        """Apply ``unsampled_rows='frozen'`` around ``optimizer.step()``; no-op for ``'dense'``.
+        """Apply ``unsampled_rows='frozen'`` or ``'sparse'`` around ``optimizer.step()``;
+        no-op for ``'dense'``.
 
         Returns the hook handles (``handle.remove()`` detaches them).
         """
@@ -259,8 +271,18 @@ class SampledSoftmaxHead(nn.Module):
             return []
         if not any(p is self.weight for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("attach_optimizer: the optimizer does not hold this head's weight")
+        if self.unsampled_rows == "sparse":
+            check_sparse_optimizer(optimizer)
+            return [optimizer.register_step_pre_hook(self._sparse_step)]
         return [optimizer.register_step_pre_hook(self._save_unsampled),
                 optimizer.register_step_post_hook(self._restore_unsampled)]
+
+    def _sparse_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """Update the sampled rows, then hide the gradient from the optimizer's dense step."""
+        gradient = self.weight.grad
+        if gradient is not None and gradient.is_sparse:
+            sparse_row_step(optimizer, self.weight, gradient)
+            self.weight.grad = None
 
     def _row_tensors(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """The weight and every per-parameter optimizer state tensor shaped like it."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.head import ChunkedLSE, HeadShard
+from workers.head import ChunkedLSE, HeadShard, LSEOptions
 
 SHARD = HeadShard(0, 7)
 #: sampled rows of the 7-class shard and, per row, the position of its class in INDEX (or −1)
@@ -23,9 +23,10 @@ PHIS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def lse(x: torch.Tensor, w: torch.Tensor, phi: str, normalize: bool, chunk_size: int = 3,
         index: torch.Tensor = INDEX, target: torch.Tensor = TARGET,
-        compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    return ChunkedLSE.apply(x, w, index, target, PHIS[phi], normalize, chunk_size, SHARD,
-                            compute_dtype or x.dtype)
+        compute_dtype: torch.dtype | None = None, sparse: bool = False) -> torch.Tensor:
+    options = LSEOptions(PHIS[phi], normalize, chunk_size, SHARD, compute_dtype or x.dtype,
+                         sparse_weight_grad=sparse)
+    return ChunkedLSE.apply(x, w, index, target, options)
 
 
 def dense_lse(x: torch.Tensor, w: torch.Tensor, phi: str, normalize: bool,
@@ -67,6 +68,22 @@ def test_matches_dense_and_unsampled_rows_get_zero(phi: str, normalize: bool) ->
     torch.testing.assert_close(grad_x, ref_x, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_w, ref_w, rtol=0, atol=1e-12)
     assert torch.count_nonzero(grad_w[[1, 4, 5]]) == 0
+
+
+@pytest.mark.parametrize(("index", "chunk_size"), [(INDEX, 3), (INDEX, 1), (torch.arange(7), 2)])
+def test_sparse_weight_gradient_equals_the_dense_one(index: torch.Tensor,
+                                                     chunk_size: int) -> None:
+    """The sparse COO gradient holds exactly the sampled rows of the dense gradient."""
+    x, w = _inputs()
+    target = torch.tensor([1, -1, 3, 0])
+    upstream = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
+    dense = torch.autograd.grad(lse(x, w, "quadratic", True, chunk_size, index, target),
+                                (x, w), upstream)
+    sparse = torch.autograd.grad(lse(x, w, "quadratic", True, chunk_size, index, target,
+                                     sparse=True), (x, w), upstream)
+    assert sparse[1].is_sparse and torch.equal(sparse[1].indices()[0], index)
+    torch.testing.assert_close(sparse[0], dense[0], rtol=0, atol=0)
+    torch.testing.assert_close(sparse[1].to_dense(), dense[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 100])
