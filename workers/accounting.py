@@ -24,21 +24,25 @@ def _ring(world_size: int, elements: float) -> float:
 
 def head_bytes_per_step(world_size: int, global_batch: int, embedding_dim: int,
                         element_bytes: int) -> float:
-    """Bytes each rank sends for the head in one step (ring algorithms).
+    """Bytes each rank sends for the head in one step (ring algorithms: an all-gather or a
+    reduce-scatter sends (W−1)/W of the total, an all-reduce twice that).
 
-    Forward: all-gather of embeddings (B·D) and labels (B int64), reduce-scatter of the target
-    logit and ‖W_y‖ (2B), all-reduce of the row max and of the sum-exp (2 × 2B float32),
-    all-reduce of the loss. Backward: all-gather of the LSE and target gradients (3B),
-    reduce-scatter of the embedding gradient (B·D).
+    Exactly what the head's collectives move when every rank holds ``B/W`` rows. Forward:
+    all-gather of every rank's batch shape and label range (5 int64 per rank), of the
+    embeddings (B·D in the product dtype, ``element_bytes``: 2 under bf16/fp16 autocast) and
+    of the labels (B int64); reduce-scatter of the target logit and ‖W_y‖ (2B float32);
+    all-reduce of the row max and of the sum-exp (2 × B float32) and of the loss (float32).
+    Backward: reduce-scatter of the embedding gradient (B·D, ``element_bytes``), all-gather of
+    the gradients of the target terms (2B float32) and of the LSE (B float32).
     """
     if world_size == 1:
         return 0.0
     batch, dim = global_batch, embedding_dim
-    gathered = _ring(world_size, batch * dim * 2 + batch * 5) * element_bytes
-    labels = _ring(world_size, batch) * 8
-    lse_all_reduces = 2 * 2 * _ring(world_size, batch) * 4
-    loss_all_reduce = 2 * _ring(world_size, 1) * 4
-    return gathered + labels + lse_all_reduces + loss_all_reduce
+    embeddings = 2 * _ring(world_size, batch * dim) * element_bytes
+    int64 = (_ring(world_size, 5 * world_size) + _ring(world_size, batch)) * 8
+    per_row = (2 * _ring(world_size, 2 * batch) + _ring(world_size, batch)) * 4
+    all_reduces = 2 * (2 * batch + 1) * _ring(world_size, 1) * 4
+    return embeddings + int64 + per_row + all_reduces
 
 
 def data_parallel_bytes_per_step(world_size: int, backbone_parameters: int,

@@ -68,7 +68,7 @@ class HeadSpec(_Strict):
     sampling: Literal["uniform", "batch"] = "uniform"
     #: classes per chunk of the log-sum-exp; None = auto (a fixed logit budget per chunk)
     chunk_size: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
-    unsampled_rows: Literal["dense", "frozen"] = "dense"
+    unsampled_rows: Literal["dense", "frozen", "sparse"] = "dense"
 
 
 class ModelSpec(_Strict):

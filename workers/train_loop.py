@@ -212,7 +212,8 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
             with (contextlib.nullcontext() if sync else runtime.model.no_sync()), \
                     _autocast(runtime):
                 embeddings = runtime.model(micro_images)
-            loss = head(embeddings.float(), micro_labels, step=runtime.step * accumulation + micro)
+                # the head's products follow the autocast dtype; its LSE and loss stay float32
+                loss = head(embeddings, micro_labels, step=runtime.step * accumulation + micro)
             runtime.scaler.scale(loss / accumulation).backward()
             step_loss += float(loss.detach()) / accumulation  # one host sync per micro-batch
             sums[0] += loss.detach().double() * len(micro_labels)
@@ -238,24 +239,26 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
 def _clip_gradients(runtime: Runtime, max_norm: float | None) -> float:
     """Clip the global gradient norm over the backbone and every shard of the head.
 
-    ‖g‖² = ‖g_backbone‖² (already identical on every rank after DDP) + Σ_ranks ‖g_shard‖²
-    (one all-reduce of a scalar). Returns ‖g‖ before clipping (inf/nan when diverging).
+    ‖g‖² = ‖g_backbone‖² (already identical on every rank after DDP) + Σ_ranks ‖g_shard‖²:
+    float32 norms per tensor (torch's foreach norm, no copy of any gradient), squared in one
+    float64 scalar, one all-reduce of it. A sparse head gradient is coalesced in place and
+    its values count. Returns ‖g‖ before clipping (inf/nan when diverging).
     """
     backbone = [p.grad for p in runtime.model.parameters() if p.grad is not None]
-    shard = [p.grad for p in runtime.head.parameters() if p.grad is not None]
-    squares = torch.stack([
-        sum((g.double().square().sum() for g in backbone), torch.zeros((), dtype=torch.float64,
-                                                                        device=runtime.device)),
-        sum((g.double().square().sum() for g in shard), torch.zeros((), dtype=torch.float64,
-                                                                     device=runtime.device)),
-    ])
+    shard = []
+    for parameter in runtime.head.parameters():
+        if parameter.grad is not None and parameter.grad.is_sparse:
+            parameter.grad = parameter.grad.coalesce()
+        if parameter.grad is not None:
+            shard.append(parameter.grad)
+    shard_values = [g.values() if g.is_sparse else g for g in shard]
+    shard_square = torch.nn.utils.get_total_norm(shard_values).to(runtime.device).double().square()
     if runtime.world_size > 1:
-        shard_square = squares[1:].clone()
         dist.all_reduce(shard_square)
-        squares = torch.cat([squares[:1], shard_square])
-    total = float(squares.sum().sqrt())
+    backbone_norm = torch.nn.utils.get_total_norm(backbone).double()
+    total = float((backbone_norm.square() + shard_square.to(backbone_norm.device)).sqrt())
     if max_norm is not None and math.isfinite(total) and total > max_norm:
-        for gradient in backbone + shard:
+        for gradient in backbone + shard_values:
             gradient.mul_(max_norm / (total + 1e-6))
     return total
 
