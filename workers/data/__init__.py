@@ -13,6 +13,8 @@ from ._dataset import (
     LabelledDataset,
     TensorDataset,
     decode_image,
+    decode_image_pixels,
+    normalise_inputs,
     random_flip,
 )
 from ._image_folder import IMAGE_EXTENSIONS, load_image_folder
@@ -24,6 +26,7 @@ from ._load import (
     load_dataset,
     parse_data_config,
 )
+from ._loader import EpochBatches, batch_loader, loader_workers, to_device
 from ._omniglot import ALPHABETS, alphabet_of_class, load_omniglot, resolve_omniglot_path
 from ._pairs import PairSet, read_pairs_bin, write_pairs_bin
 from ._parquet import read_parquet_features, write_parquet_features
@@ -48,6 +51,7 @@ __all__ = [
     "DataConfig",
     "DatasetSplit",
     "DecodedDataset",
+    "EpochBatches",
     "LabelledDataset",
     "PairSet",
     "RecordIOReader",
@@ -55,14 +59,18 @@ __all__ = [
     "Source",
     "TensorDataset",
     "alphabet_of_class",
+    "batch_loader",
     "check_data_config",
     "decode_image",
+    "decode_image_pixels",
     "epoch_batches",
     "frame_record",
     "load_dataset",
     "load_image_folder",
     "load_omniglot",
     "load_recordio",
+    "loader_workers",
+    "normalise_inputs",
     "pack_record",
     "parse_data_config",
     "random_flip",
@@ -73,6 +81,7 @@ __all__ = [
     "split_dataset",
     "split_identities",
     "synthetic_identities",
+    "to_device",
     "unpack_record",
     "write_pairs_bin",
     "write_parquet_features",

@@ -28,3 +28,17 @@ def assert_one_line(error: pytest.ExceptionInfo, *names: str | Path) -> None:
     assert "\n" not in message, message
     for name in names:
         assert str(name) in message, (name, message)
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of a uint8 ``(H, W, 3)`` array (lossy: decoded pixels differ from it)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def random_jpegs(count: int, size: int = 16, seed: int = 0) -> list[bytes]:
+    """``count`` distinct RGB JPEG payloads of random noise (asymmetric, so flips show)."""
+    rng = np.random.default_rng(seed)
+    return [encode_jpeg(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            for _ in range(count)]
