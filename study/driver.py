@@ -3,7 +3,8 @@
 ``run_study(options)`` expects validated options (``study.run`` validates everything before
 Ray starts). Resources: each trial takes ``TRIAL_CPUS`` for its driver function and its Train
 workers ``cpus_per_worker`` each, in their own placement group; concurrency is capped so that
-every admitted trial's workers fit at once (a Train run waits for all its workers).
+every admitted trial's workers fit at once (a Train run waits for all its workers), with room
+left for each trial's Ray Data ingest (source shards).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from study.tracking import (
     ChildRunCallback,
     RetryingClient,
 )
+from workers.data import ingest_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,11 @@ class StudyResult:
 
 
 def concurrency_limit(options: StudyOptions, cluster_cpus: float) -> int:
-    """Trials that fit at once: each needs TRIAL_CPUS + workers × cpus_per_worker."""
-    per_trial = TRIAL_CPUS + options.num_workers * options.cpus_per_worker
+    """Trials that fit at once: each needs TRIAL_CPUS + workers × cpus_per_worker + the CPUs
+    its Ray Data ingest may use (``data.ray_data_cpus`` for source shards). The last are not
+    reserved by anyone, only left free: Ray Data's tasks run outside the placement groups."""
+    per_trial = (TRIAL_CPUS + options.num_workers * options.cpus_per_worker
+                 + ingest_cpus(options.base.get("data", {})))
     return max(1, min(options.max_concurrent, math.floor(cluster_cpus / per_trial + 1e-9)))
 
 

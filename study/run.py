@@ -30,7 +30,7 @@ from workers.config import ConfigError, parse_trial_config
 
 HOME = Path(os.environ.get("MARGINLAB_HOME", Path.home() / ".marginlab")).expanduser()
 DEFAULT_SPACES = ("normface", "arcface")
-DATA_SOURCES = ("synthetic", "image_folder", "recordio", "omniglot", "parquet")
+DATA_SOURCES = ("synthetic", "image_folder", "recordio", "omniglot", "parquet", "shards")
 
 
 class UsageError(ValueError):
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cpus-per-worker", type=float, default=0.45, help="CPUs per worker (> 0)")
     add("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (≥ 0)")
     add("--data", default="synthetic", help=f"data source: {', '.join(DATA_SOURCES)}")
-    add("--data-path", default=None, help="data file or folder (not for synthetic)")
+    add("--data-path", default=None,
+        help="data file or folder (not for synthetic; shards: the folder python -m "
+             "workers.data.pack wrote)")
     add("--epochs", type=int, default=2, help="epochs per trial (≥ 1)")
     add("--batch-size", type=int, default=128, help="per-worker batch size (≥ 2)")
     add("--sampler", default="tpe",
@@ -108,20 +110,27 @@ def _check_ranges(args: argparse.Namespace) -> list[str]:
             errors.append(f"{flag} = {value!r} must be {allowed}")
     if args.name is not None and not args.name.replace("-", "_").isidentifier():
         errors.append(f"--name = {args.name!r} must use letters, digits, '-' and '_' only")
-    if args.data in ("image_folder", "recordio", "parquet") and args.data_path is None:
+    if args.data in ("image_folder", "recordio", "parquet", "shards") and args.data_path is None:
         errors.append(f"--data-path is required by --data {args.data} (its file or folder)")
     elif args.data == "synthetic" and args.data_path is not None:
         errors.append("--data-path is not used by --data synthetic (drop it or pick a source)")
     if args.resume and args.name is None:
         errors.append("--resume needs --name (the study to resume)")
-    if args.ray_address is None and args.concurrent >= 1 and args.workers >= 1:
-        cpus = os.cpu_count() or 1
-        needed = TRIAL_CPUS + args.workers * args.cpus_per_worker
-        if needed > cpus + 1e-9:
-            errors.append(f"--workers = {args.workers} × --cpus-per-worker = "
-                          f"{args.cpus_per_worker} (+ {TRIAL_CPUS} per trial) needs "
-                          f"{needed:g} CPUs; this machine has {cpus}")
     return errors
+
+
+def _check_fits(args: argparse.Namespace, data_cpus: float) -> list[str]:
+    """One trial fits on this machine (no ``--ray-address``): its function, its workers and
+    ``data_cpus`` for its Ray Data ingest (source shards)."""
+    if args.ray_address is not None or args.concurrent < 1 or args.workers < 1:
+        return []
+    cpus = os.cpu_count() or 1
+    needed = TRIAL_CPUS + args.workers * args.cpus_per_worker + data_cpus
+    if needed <= cpus + 1e-9:
+        return []
+    data = f" + data.ray_data_cpus = {data_cpus:g}" if data_cpus else ""
+    return [f"--workers = {args.workers} × --cpus-per-worker = {args.cpus_per_worker} "
+            f"(+ {TRIAL_CPUS} per trial{data}) needs {needed:g} CPUs; this machine has {cpus}"]
 
 
 def _check_tracking_uri(uri: str) -> str | None:
@@ -222,14 +231,17 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
             "resources": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
                           "gpus_per_worker": args.gpus_per_worker}}
     errors += _apply_overrides(base, args.set)
+    data_cpus = 0.0
     if not errors:
         try:
             parse_trial_config(base, "flags")
-            from workers.data import check_data_config
+            from workers.data import check_data_config, ingest_cpus
 
             check_data_config(base["data"])
+            data_cpus = ingest_cpus(base["data"])
         except (ConfigError, ValueError, FileNotFoundError) as error:
             errors += str(error).splitlines()
+    errors += _check_fits(args, data_cpus)
     if errors:
         raise UsageError("\n".join(errors))
     name = args.name or time.strftime("study-%Y%m%d-%H%M%S")

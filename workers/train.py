@@ -1,11 +1,14 @@
 """Production training from a trial config: the same worker loop under ``TorchTrainer``, no Tune.
 
     python -m workers.train --config CONFIG.yaml [--workers N] [--gpus-per-worker G]
-                            [--epochs E] [--output DIR]
+                            [--epochs E] [--output DIR] [--resume-from CHECKPOINT]
 
-Writes ``DIR/backbone.pt`` (the backbone's state dict), ``DIR/class_centres.pt`` (the full
-``C × D`` class-centre matrix, however many workers trained it), ``DIR/trial.yaml`` (the config
-that ran) and ``DIR/metrics.json`` (the last epoch's metrics).
+Writes ``DIR/backbone.pt`` (the backbone's state dict), ``DIR/class_centres/`` (the ``C × D``
+class centres, sharded as the workers held them, with a manifest; ``python -m
+workers.head.merge DIR/class_centres OUT.pt`` joins them into one file),
+``DIR/trial.yaml`` (the config that ran) and ``DIR/metrics.json`` (the last epoch's metrics).
+``--resume-from`` continues from a checkpoint directory a trial or an earlier run wrote, at
+any worker count; its epoch counter counts towards ``--epochs``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ import torch
 
 from workers.cli import OneLineParser
 from workers.config import ConfigError, TrialConfig, load_trial_config, parse_trial_config
-from workers.train_loop import CHECKPOINT_FILE, train_loop_per_worker
+from workers.data import ingest_cpus, train_ingest
+from workers.head import export_head_weights
+from workers.train_loop import CHECKPOINT_FILE, HEAD_DIR, check_checkpoint, train_loop_per_worker
+
+#: the export's sharded class centres (a head checkpoint without optimizer state)
+CENTRES_DIR = "class_centres"
 
 #: Ray Train checks worker health this often; the default (2 s) adds ~1.3 s to every report
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
@@ -31,12 +39,14 @@ def check_resources(trial: TrialConfig, available: dict[str, float], source: str
     """Fail with one line naming the field (after ``source: ``, when given) when the trial
     cannot be scheduled at all."""
     resources, where = trial.resources, f"{source}: " if source else ""
-    cpus = resources.num_workers * resources.cpus_per_worker
+    ingest = ingest_cpus(trial.data)  # Ray Data's decoding CPUs (source shards)
+    cpus = resources.num_workers * resources.cpus_per_worker + ingest
     if cpus > available.get("CPU", 0.0) + 1e-9:
+        plus = f" + data.ray_data_cpus = {ingest:g}" if ingest else ""
         raise ConfigError([
             f"{where}resources.num_workers = {resources.num_workers} × "
-            f"resources.cpus_per_worker = {resources.cpus_per_worker} needs {cpus:g} CPUs; "
-            f"the cluster has {available.get('CPU', 0.0):g}"])
+            f"resources.cpus_per_worker = {resources.cpus_per_worker}{plus} needs {cpus:g} "
+            f"CPUs; the cluster has {available.get('CPU', 0.0):g}"])
     gpus = resources.num_workers * resources.gpus_per_worker
     if gpus > available.get("GPU", 0.0) + 1e-9:
         raise ConfigError([
@@ -51,7 +61,8 @@ def check_resources(trial: TrialConfig, available: dict[str, float], source: str
 def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
                   callbacks: list[Any] | None = None, resume_from: str | None = None,
                   max_failures: int = 0) -> Any:
-    """A ``TorchTrainer`` running ``train_loop_per_worker`` for ``trial``."""
+    """A ``TorchTrainer`` running ``train_loop_per_worker`` for ``trial``; storage keeps the
+    ``trial.checkpoint.keep`` most recent checkpoints."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -59,6 +70,9 @@ def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker:
         per_worker["GPU"] = resources.gpus_per_worker
+    # source shards: the Ray Data train dataset, built here (before the workers take their
+    # CPUs) and split equally over the workers, and its CPU budget; else (None, None)
+    datasets, dataset_config = train_ingest(trial.data, trial.seed)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": trial.model_dump(mode="json"), "resume_from": resume_from},
@@ -66,19 +80,22 @@ def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
             num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo"),
+        datasets=datasets, dataset_config=dataset_config,
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path.resolve()), callbacks=callbacks or [],
-            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trial.checkpoint.keep)),
     )
 
 
 def export_final(checkpoint_dir: Path, trial: TrialConfig, metrics: dict[str, Any],
                  output: Path) -> None:
-    """Write the backbone, the class-centre matrix, the config and the metrics."""
+    """Write the backbone, the sharded class centres (one shard at a time), the config and the
+    metrics."""
     state = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     output.mkdir(parents=True, exist_ok=True)
     torch.save(state["backbone"], output / "backbone.pt")
-    torch.save(state["head_weight"], output / "class_centres.pt")
+    export_head_weights(checkpoint_dir / HEAD_DIR, output / CENTRES_DIR)
     (output / "trial.yaml").write_text(trial.to_yaml())
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
@@ -93,6 +110,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default="marginlab-train", help="output directory")
     parser.add_argument("--storage", default=None,
                         help="Ray Train storage (default: OUTPUT/ray_storage)")
+    parser.add_argument("--resume-from", default=None,
+                        help="a checkpoint directory (state.pt + head/) a trial or run wrote")
     return parser.parse_args(argv)
 
 
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         trial = _with_overrides(load_trial_config(args.config), args, args.config)
         from workers.data import load_dataset, parse_data_config
 
-        load_dataset(parse_data_config(trial.data))  # data errors surface before Ray starts
+        data = load_dataset(parse_data_config(trial.data))  # data errors surface before Ray
         if not os.environ.get("RAY_ADDRESS"):  # the local Ray gets this machine's CPUs/GPUs
             check_resources(trial, {"CPU": float(os.cpu_count() or 1),
                                     "GPU": float(torch.cuda.device_count())}, args.config)
@@ -123,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    resume_from = Path(args.resume_from).resolve() if args.resume_from else None
+    if resume_from is not None:
+        try:
+            check_checkpoint(resume_from, data.num_classes, trial.model.embedding_dim)
+        except ValueError as error:
+            print(f"error: --resume-from: {error}", file=sys.stderr)
+            return 2
 
     os.environ.update(HEALTH_CHECK_ENV)
     import ray
@@ -136,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     storage = Path(args.storage).resolve() if args.storage else output / "ray_storage"
-    result = build_trainer(trial, storage, name="train").fit()
+    result = build_trainer(trial, storage, name="train",
+                           resume_from=str(resume_from) if resume_from else None).fit()
     metrics = dict(result.metrics or {})
     if result.checkpoint is None or metrics.get("diverged"):
         print(f"error: training diverged at step {metrics.get('diverged_step')} "
@@ -144,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with result.checkpoint.as_directory() as directory:
         export_final(Path(directory), trial, metrics, output)
-    print(f"wrote {output}/backbone.pt, class_centres.pt, trial.yaml, metrics.json")
+    print(f"wrote {output}/backbone.pt, {CENTRES_DIR}/, trial.yaml, metrics.json (one centre "
+          f"file: python -m workers.head.merge {output / CENTRES_DIR} centres.pt)")
     return 0
 
 

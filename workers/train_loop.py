@@ -5,6 +5,12 @@ optimizer, schedule, resume) → per epoch ``train_epoch`` → ``evaluate`` → 
 checkpoint). Every worker runs the same code; only rank 0's metrics reach Tune, so per-rank
 figures (peak memory) are reduced before reporting.
 
+Checkpoint directory (``save_checkpoint``): ``head/`` — every rank's rows of the class centres
+and of their optimizer state, with a manifest (``workers.head.save_head_checkpoint``; any
+worker count resumes from it, each rank reading only its rows); rank 0 also writes
+``state.pt`` (backbone, the rest of the optimizer, scheduler, scaler, step/epoch/restarts),
+``trial.yaml`` and ``metrics.json``.
+
 Gradient accumulation: ``optim.grad_accumulation`` micro-batches per optimizer step, each loss
 scaled by 1/accumulation, DDP gradient sync only on the last one. Each micro-batch samples its
 own negatives (the head is seeded per (seed, micro-step, rank)); the "frozen" unsampled-row
@@ -14,13 +20,14 @@ policy then spares every row no micro-batch of the step sampled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,17 +43,34 @@ from workers.accounting import (
 )
 from workers.backbones import build_backbone
 from workers.config import TrialConfig
-from workers.data import DatasetSplit, epoch_batches, load_dataset, parse_data_config
-from workers.evaluation import class_centre_statistics, evaluate_pair_set, evaluate_verification
-from workers.head import SampledSoftmaxHead
+from workers.data import (
+    DatasetSplit,
+    EpochBatches,
+    batch_loader,
+    epoch_batches,
+    load_dataset,
+    loader_workers,
+    parse_data_config,
+    shard_batches,
+    shard_steps,
+    to_device,
+)
+from workers.evaluation import class_centre_statistics, evaluate_open_set, heldout_subset
+from workers.head import (
+    SampledSoftmaxHead,
+    load_head_checkpoint,
+    read_head_manifest,
+    save_head_checkpoint,
+)
 from workers.seeding import derive_seed
 
+#: rank 0's part of a checkpoint: everything but the head's rows and their optimizer state
 CHECKPOINT_FILE = "state.pt"
+#: the sharded head checkpoint inside a checkpoint directory
+HEAD_DIR = "head"
 CONFIG_FILE = "trial.yaml"
 DIVERGED_FILE = "diverged.json"
 METRICS_FILE = "metrics.json"
-#: class statistics of the held-out embeddings, reported as ``heldout_<name>``
-HELDOUT_STATISTICS = ("intra_compactness", "inter_separation_mean", "inter_separation_p99")
 
 
 @dataclass
@@ -84,8 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if runtime.epoch >= runtime.config.epochs and runtime.last_metrics:
         # resumed after the last epoch had been checkpointed: report its result again, so a
         # restarted trial still ends with its final metrics
-        report(runtime, {**runtime.last_metrics, "restarts": float(runtime.restarts)},
-               checkpoint_state(runtime))
+        report(runtime, {**runtime.last_metrics, "restarts": float(runtime.restarts)})
         return
     for epoch in range(runtime.epoch, runtime.config.epochs):
         metrics = train_epoch(runtime, epoch)
@@ -93,9 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_divergence(runtime, metrics)
             return
         runtime.epoch = epoch + 1
-        state = checkpoint_state(runtime)
-        metrics.update(evaluate(runtime, state["head_weight"]))
-        report(runtime, metrics, state)
+        metrics.update(evaluate(runtime))
+        report(runtime, metrics)
 
 
 def setup(config: dict[str, Any]) -> Runtime:
@@ -123,6 +145,10 @@ def build_runtime(trial: TrialConfig, rank: int, world_size: int, device: torch.
     """Data, backbone (DDP when distributed), head on ``group``, optimizer and schedule."""
     torch.manual_seed(trial.seed)
     data = load_dataset(parse_data_config(trial.data))
+    evaluation = trial.evaluation
+    # the capped, seeded held-out sample is chosen once per run (identical on every rank)
+    data = dataclasses.replace(data, heldout=heldout_subset(
+        data.heldout, evaluation.max_identities, evaluation.images_per_identity, trial.seed))
     backbone = build_backbone(trial.model.backbone, trial.model.embedding_dim, data.input_shape,
                               dropout=trial.model.dropout, width=trial.model.width).to(device)
     model: nn.Module = backbone
@@ -137,8 +163,12 @@ def build_runtime(trial: TrialConfig, rank: int, world_size: int, device: torch.
     ).to(device)
     optimizer = _build_optimizer(trial, backbone, head)
     head.attach_optimizer(optimizer)
-    steps_per_epoch = len(epoch_batches(len(data.train), trial.batch_size, rank, world_size,
-                                        0, trial.seed))
+    if data.shards is not None:  # Ray Data's equal splits of the packed train shards
+        steps_per_epoch = shard_steps(data.shards.manifest.train.rows, world_size,
+                                      trial.batch_size)
+    else:
+        steps_per_epoch = len(epoch_batches(len(data.train), trial.batch_size, rank,
+                                            world_size, 0, trial.seed))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(trial, steps_per_epoch * trial.epochs, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=trial.resources.precision == "fp16")
@@ -193,17 +223,18 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
     trial, head = runtime.config, runtime.head
     runtime.model.train()
     head.train()
-    batches = epoch_batches(len(runtime.data.train), trial.batch_size, runtime.rank,
-                            runtime.world_size, epoch, trial.seed)
+    loader = epoch_source(runtime, epoch)
     accumulation = trial.optim.grad_accumulation
-    augmentation = torch.Generator().manual_seed(
-        derive_seed("augment", trial.seed, epoch, runtime.rank))
-    # per epoch, on the device: Σ loss·n, Σ P, Σ LSE(N), samples, sampled classes, Σ ‖g‖
+    # per epoch, on the device: Σ loss·n, Σ P, Σ LSE(N), samples, sampled classes, Σ ‖g‖;
+    # on the host: seconds spent waiting for the next batch
     sums = torch.zeros(6, dtype=torch.float64, device=runtime.device)
+    data_wait = 0.0
     started = time.perf_counter()
-    for batch_index in batches:
-        images, labels = runtime.data.train.batch(batch_index, augmentation)
-        images, labels = images.to(runtime.device), labels.to(runtime.device)
+    for _ in range(runtime.steps_per_epoch):
+        waiting = time.perf_counter()
+        batch = next(loader)
+        data_wait += time.perf_counter() - waiting
+        images, labels = to_device(batch, runtime.device)
         runtime.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         micro_batches = zip(images.chunk(accumulation), labels.chunk(accumulation), strict=True)
@@ -233,7 +264,24 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
         runtime.scheduler.step()
         runtime.step += 1
     elapsed = time.perf_counter() - started
-    return _epoch_metrics(runtime, epoch, sums, len(batches), elapsed)
+    return _epoch_metrics(runtime, epoch, sums, runtime.steps_per_epoch, elapsed, data_wait)
+
+
+def epoch_source(runtime: Runtime, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's ``runtime.steps_per_epoch`` raw ``(inputs, labels)`` batches of ``epoch``:
+    its Ray Data split of the packed train shards (source ``shards``), else ``EpochBatches``
+    decoded by ``batch_loader`` (loader processes or this one)."""
+    trial = runtime.config
+    if runtime.data.shards is not None:
+        import ray.train
+
+        return shard_batches(ray.train.get_dataset_shard("train"), runtime.data.shards,
+                             trial.batch_size, runtime.steps_per_epoch, trial.seed, epoch,
+                             runtime.rank, runtime.device)
+    batches = EpochBatches(runtime.data.train, trial.batch_size, runtime.rank,
+                           runtime.world_size, epoch, trial.seed)
+    workers = loader_workers(trial.data.get("loader_workers"), trial.resources.cpus_per_worker)
+    return iter(batch_loader(batches, workers, runtime.device))
 
 
 def _clip_gradients(runtime: Runtime, max_norm: float | None) -> float:
@@ -264,10 +312,14 @@ def _clip_gradients(runtime: Runtime, max_norm: float | None) -> float:
 
 
 def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
-                   elapsed: float) -> dict[str, float]:
-    """Reduce per-rank sums once per epoch and add the analytic compute and communication."""
+                   elapsed: float, data_wait: float) -> dict[str, float]:
+    """Reduce per-rank sums once per epoch and add the analytic compute and communication.
+
+    ``data_wait_fraction``: the share of the epoch's step time the training loop spent blocked
+    on its next batch, averaged over the ranks.
+    """
     trial = runtime.config
-    totals = sums.clone()
+    totals = torch.cat([sums, sums.new_tensor([data_wait / max(elapsed, 1e-9)])])
     if runtime.world_size > 1:
         dist.all_reduce(totals)
     totals = totals.cpu()
@@ -293,30 +345,33 @@ def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
         "ddp_bytes_per_step": data_parallel_bytes_per_step(runtime.world_size,
                                                            runtime.backbone_parameters),
         "samples_per_second": samples / max(elapsed, 1e-9),
+        "data_wait_fraction": float(totals[6]) / runtime.world_size,
         "epoch_train_seconds": elapsed,
         "grad_norm": float(totals[5]) / runtime.world_size / max(1, steps),
         "lr": float(runtime.optimizer.param_groups[0]["lr"]),
     }
 
 
-def evaluate(runtime: Runtime, centres: torch.Tensor) -> dict[str, float]:
-    """Open-set verification on held-out identities (rank 0) and class-centre statistics."""
+def evaluate(runtime: Runtime) -> dict[str, float]:
+    """Open-set verification (held-out identities, pair files) and class-centre statistics,
+    split over the ranks: each embeds a slice of the images and the centre statistics use
+    this rank's head shard (``workers.evaluation``). Collective; every rank gets the same."""
     started = time.perf_counter()
+    trial, shard = runtime.config, runtime.head.shard
     metrics: dict[str, float] = {"peak_memory_bytes": _peak_memory(runtime)}
-    if runtime.rank == 0:
-        evaluation = runtime.config.evaluation
-        options = {"batch_size": evaluation.batch_size, "device": runtime.device,
-                   "flip": evaluation.flip}
-        heldout = evaluate_verification(runtime.backbone, runtime.data.heldout,
-                                        num_pairs=evaluation.num_pairs, seed=runtime.config.seed,
-                                        **options)
-        metrics.update({f"heldout_{k}" if k in HELDOUT_STATISTICS else k: v
-                        for k, v in heldout.items()})
-        for index, pairs in enumerate(runtime.data.pairs):
-            metrics.update({f"pairs{index}_{k}": v
-                            for k, v in evaluate_pair_set(runtime.backbone, pairs,
-                                                          **options).items()})
-        metrics.update({f"centre_{k}": v for k, v in class_centre_statistics(centres).items()})
+    if shard.world_size > 1:
+        # DDP leaves each rank's BatchNorm statistics updated by its own last batch: every rank
+        # evaluates rank 0's backbone (DDP broadcasts them before the next forward anyway)
+        for buffer in runtime.backbone.buffers():
+            dist.broadcast(buffer, src=0, group=shard.group)
+    evaluation = trial.evaluation
+    metrics.update(evaluate_open_set(
+        runtime.backbone, runtime.data.heldout, runtime.data.pairs, shard,
+        num_pairs=evaluation.num_pairs, batch_size=evaluation.batch_size,
+        device=runtime.device, flip=evaluation.flip, seed=trial.seed))
+    centres = class_centre_statistics(runtime.head.weight,
+                                      seed=derive_seed("centre-pairs", trial.seed), shard=shard)
+    metrics.update({f"centre_{k}": v for k, v in centres.items()})
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -335,18 +390,20 @@ def _peak_memory(runtime: Runtime) -> float:
     return value
 
 
-def report(runtime: Runtime, metrics: dict[str, float], state: dict[str, Any]) -> None:
-    """``ray.train.report`` the epoch's metrics with a checkpoint written by rank 0."""
+def report(runtime: Runtime, metrics: dict[str, float]) -> None:
+    """``ray.train.report`` the epoch's metrics with a checkpoint every rank writes part of.
+
+    Verified in Ray 2.60 (``ray/train/v2/_internal/execution/context.py`` ``report`` and
+    ``storage.py`` ``persist_current_checkpoint``; documented in ``ray.train.report``): the
+    checkpoint directory name is broadcast from rank 0, and every rank that reports a
+    checkpoint copies its local files into that one storage directory. The file names
+    therefore differ per rank (``head/rows-<rank>-of-<world>.pt``; only rank 0 writes the rest).
+    """
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if runtime.rank == 0:
-            torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
-            Path(directory, CONFIG_FILE).write_text(runtime.config.to_yaml())
-            Path(directory, METRICS_FILE).write_text(json.dumps(metrics))
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        save_checkpoint(runtime, Path(directory), metrics)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def _report_divergence(runtime: Runtime, metrics: dict[str, float]) -> None:
@@ -365,24 +422,28 @@ def _report_divergence(runtime: Runtime, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
-    """Backbone, the logical class-centre matrix, optimizer, scheduler, step and epoch.
+def save_checkpoint(runtime: Runtime, directory: Path,
+                    metrics: dict[str, float] | None = None) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (collective).
 
-    Head tensors (weight and its per-row optimizer state) are gathered to full ``C × D``
-    matrices, so a checkpoint does not depend on the number of workers that wrote it.
-    Collective: every rank must call it.
+    Every rank writes its head rows under ``head/``; rank 0 also writes ``state.pt``
+    (``checkpoint_state``), ``trial.yaml`` and, when given, ``metrics.json``.
     """
+    save_head_checkpoint(runtime.head, runtime.optimizer, directory / HEAD_DIR)
+    if runtime.rank == 0:
+        torch.save(checkpoint_state(runtime), directory / CHECKPOINT_FILE)
+        (directory / CONFIG_FILE).write_text(runtime.config.to_yaml())
+        if metrics is not None:
+            (directory / METRICS_FILE).write_text(json.dumps(metrics))
+
+
+def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
+    """Everything but the head's rows: backbone, the optimizer's state dict without the head
+    weight's state (``head/`` holds it, sharded), scheduler, scaler, step, epoch, restarts."""
     optimizer_state = runtime.optimizer.state_dict()
-    head_weight = runtime.head.weight
-    head_index = _parameter_index(runtime.optimizer, head_weight)
-    head_state = optimizer_state["state"].get(head_index, {})
-    optimizer_state["state"][head_index] = {
-        key: runtime.head.gather_rows(value) if _is_row_state(value, head_weight) else value
-        for key, value in head_state.items()
-    }
+    optimizer_state["state"].pop(_parameter_index(runtime.optimizer, runtime.head.weight), None)
     return {
         "backbone": runtime.backbone.state_dict(),
-        "head_weight": runtime.head.full_weight(),
         "optimizer": optimizer_state,
         "scheduler": runtime.scheduler.state_dict(),
         "scaler": runtime.scaler.state_dict(),
@@ -394,20 +455,14 @@ def checkpoint_state(runtime: Runtime) -> dict[str, Any]:
 
 
 def load_checkpoint(runtime: Runtime, directory: Path) -> None:
-    """Restore a checkpoint written with any number of workers (class centres re-sharded)."""
+    """Restore a checkpoint written with any number of workers; each rank reads only its own
+    rows of the class centres and of their optimizer state."""
     state = torch.load(directory / CHECKPOINT_FILE, map_location=runtime.device,
                        weights_only=False)
     runtime.backbone.load_state_dict(state["backbone"])
-    runtime.head.load_full_weight(state["head_weight"])
-    optimizer_state = state["optimizer"]
-    head_index = _parameter_index(runtime.optimizer, runtime.head.weight)
-    full_rows = state["head_weight"].shape[0]
-    optimizer_state["state"][head_index] = {
-        key: runtime.head.local_rows(value)
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == full_rows else value
-        for key, value in optimizer_state["state"].get(head_index, {}).items()
-    }
-    runtime.optimizer.load_state_dict(optimizer_state)
+    # first the optimizer (it replaces every parameter's state), then the head's rows
+    runtime.optimizer.load_state_dict(state["optimizer"])
+    load_head_checkpoint(runtime.head, runtime.optimizer, directory / HEAD_DIR)
     runtime.scheduler.load_state_dict(state["scheduler"])
     runtime.scaler.load_state_dict(state["scaler"])
     runtime.step, runtime.epoch = int(state["step"]), int(state["epoch"])
@@ -427,5 +482,11 @@ def _parameter_index(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) 
     raise ValueError("the head's weight is not in the optimizer")
 
 
-def _is_row_state(value: Any, weight: torch.Tensor) -> bool:
-    return torch.is_tensor(value) and value.shape == weight.shape
+def check_checkpoint(directory: Path, num_classes: int, embedding_dim: int) -> None:
+    """One-line ``ValueError`` naming the file and field unless ``directory`` is a training
+    checkpoint for ``num_classes`` classes of width ``embedding_dim`` (reads headers only)."""
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such checkpoint directory")
+    if not (directory / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"{directory / CHECKPOINT_FILE}: missing; not a training checkpoint")
+    read_head_manifest(directory / HEAD_DIR, num_classes, embedding_dim)

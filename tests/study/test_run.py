@@ -198,4 +198,4 @@ def test_exported_config_runs_through_workers_train(finished_study: dict,
          "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
         env=env)
     assert process.returncode == 0, process.stderr[-3000:]
-    assert (tmp_path / "out" / "class_centres.pt").is_file()
+    assert (tmp_path / "out" / "class_centres" / "manifest.json").is_file()

@@ -35,6 +35,14 @@ def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
      "loss: arcface: unknown hyperparameter(s) ['m']"),
     ({"head": {"ratio": 0.1}}, "head.ratio is not a known field; allowed: ['chunk_size',"),
     ({"version": 2}, "version = 2 is not one of [1]"),
+    ({"evaluation": {"max_identities": 1}},
+     "evaluation.max_identities = 1 must be an integer in [2, 100000000]"),
+    ({"evaluation": {"images_per_identity": 2.0}},
+     "evaluation.images_per_identity = 2.0 must be an integer in [2, 1000000]"),
+    ({"data": {"source": "omniglot", "heldout_fraction": 0.0}},
+     "t.yaml: data.heldout_fraction = 0.0: must be a number in (0.0, 1.0) without pair_files"),
+    ({"data": {"source": "omniglot", "heldout_fraction": -0.5}},
+     "t.yaml: data.heldout_fraction = -0.5 must be a number in [0.0, 1.0)"),
     ({"batch_size": 10, "optim": {"grad_accumulation": 3}},
      "config: batch_size = 10 is not divisible by optim.grad_accumulation = 3"),
 ])
@@ -43,6 +51,17 @@ def test_bad_field_is_one_line_naming_it(data: dict, expected: str) -> None:
         parse_trial_config(data, "t.yaml")
     assert len(error.value.lines) == 1
     assert expected in error.value.lines[0]
+
+
+def test_evaluation_caps_default_and_accept_none() -> None:
+    evaluation = parse_trial_config({}).evaluation
+    assert (evaluation.max_identities, evaluation.images_per_identity) == (2000, 10)
+    config = parse_trial_config({"evaluation": {"max_identities": None,
+                                                "images_per_identity": None},
+                                 "data": {"source": "omniglot", "heldout_fraction": 0.0,
+                                          "pair_files": ["lfw.bin"]}})
+    assert config.evaluation.max_identities is None
+    assert config.evaluation.images_per_identity is None
 
 
 def test_all_errors_reported_at_once() -> None:

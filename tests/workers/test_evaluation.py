@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -17,12 +20,17 @@ from workers.evaluation import (
     class_centre_statistics,
     class_statistics,
     embed,
+    embed_gathered,
+    evaluate_open_set,
     evaluate_pair_set,
     evaluate_verification,
+    heldout_subset,
     sample_pairs,
+    select_heldout,
     tar_at_far,
     verification_metrics,
 )
+from workers.head import HeadShard
 
 
 class _Recorder(torch.nn.Module):
@@ -167,7 +175,7 @@ def _dense_upper(unit: torch.Tensor) -> torch.Tensor:
 
 
 def test_centre_statistics_chunked_exact_and_sampled() -> None:
-    weights = torch.randn(300, 16) + 0.3
+    weights = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) + 0.3
     dense = _dense_upper(F.normalize(weights, dim=1)).double()
     exact = class_centre_statistics(weights, chunk=7)
     assert exact["inter_separation_mean"] == pytest.approx(float(dense.mean()), abs=1e-6)
@@ -221,3 +229,242 @@ def test_evaluate_pair_set_from_a_bin_file(tmp_path) -> None:
     metrics = evaluate_pair_set(_Recorder(torch.eye(16)), pairs, batch_size=7)
     assert metrics["verification_accuracy"] == 1.0 and metrics["roc_auc"] == 1.0
     assert "tar_at_far_1e-01" in metrics and "tar_at_far_1e-02" not in metrics
+
+
+def _reference_centre_statistics(weights: torch.Tensor, max_pairs: int,
+                                 seed: int) -> tuple[float, float]:
+    """Dense float64: mean of the off-diagonal cosines; p99 of all pairs i < j, or of the
+    documented seeded sample of pairs when there are more than ``max_pairs``."""
+    unit = F.normalize(weights.double(), dim=1)
+    count = len(unit)
+    cos = unit @ unit.T
+    mean = (cos.sum() - cos.diagonal().sum()) / (count * (count - 1))
+    if count * (count - 1) // 2 <= max_pairs:
+        values = _dense_upper(unit)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        first = torch.randint(count, (max_pairs,), generator=generator)
+        second = (first + torch.randint(1, count, (max_pairs,), generator=generator)) % count
+        values = (unit[first] * unit[second]).sum(1)
+    return float(mean), float(torch.quantile(values, 0.99))
+
+
+@pytest.mark.parametrize(("count", "max_pairs", "chunk"), [(13, 1000, 4), (300, 2_000_000, 7),
+                                                            (300, 5000, 64), (300, 4999, 5000)])
+def test_centre_statistics_equal_a_dense_float64_reference(count: int, max_pairs: int,
+                                                           chunk: int) -> None:
+    weights = torch.randn(count, 6, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(count)) + 0.2
+    mean, p99 = _reference_centre_statistics(weights, max_pairs, seed=5)
+    stats = class_centre_statistics(weights, max_pairs=max_pairs, seed=5, chunk=chunk)
+    assert stats["inter_separation_mean"] == pytest.approx(mean, abs=1e-12)
+    assert stats["inter_separation_p99"] == pytest.approx(p99, abs=1e-12)
+    with pytest.raises(ValueError, match="≥ 2 centres"):
+        class_centre_statistics(weights[:1])
+
+
+def _labels_with_gaps() -> torch.Tensor:
+    """40 identities with labels 0, 3, 6, … (gaps) and 1 … 12 images each, shuffled."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 13, (40,), generator=generator)
+    labels = (3 * torch.arange(40)).repeat_interleave(counts)
+    return labels[torch.randperm(len(labels), generator=generator)]
+
+
+@pytest.mark.parametrize(("max_identities", "per_identity"), [(None, None), (7, None),
+                                                              (None, 4), (7, 4), (100, 2)])
+def test_select_heldout_respects_the_caps(max_identities: int | None,
+                                          per_identity: int | None) -> None:
+    labels = _labels_with_gaps()
+    counts = torch.bincount(labels)
+    chosen = select_heldout(labels, max_identities, per_identity, seed=3)
+    assert torch.equal(chosen, torch.sort(chosen).values) and torch.equal(chosen,
+                                                                          chosen.unique())
+    identities, taken = torch.unique(labels[chosen], return_counts=True)
+    assert len(identities) == min(max_identities or 40, 40)
+    expected = counts[identities].clamp(max=per_identity or counts.max())
+    assert torch.equal(taken, expected)
+    assert torch.equal(chosen, select_heldout(labels.clone(), max_identities, per_identity, 3))
+    if max_identities is None and per_identity is None:
+        assert torch.equal(chosen, torch.arange(len(labels)))
+
+
+def test_select_heldout_depends_on_the_seed_and_draws_every_identity() -> None:
+    labels = _labels_with_gaps()
+    draws = {tuple(select_heldout(labels, 5, 3, seed).tolist()) for seed in range(20)}
+    assert len(draws) == 20
+    seen = torch.cat([labels[torch.tensor(draw)] for draw in draws]).unique()
+    assert len(seen) > 30  # 20 draws of 5 of 40 identities reach most of them
+    with pytest.raises(ValueError, match="max_identities"):
+        select_heldout(labels, 0, None, 0)
+
+
+def test_heldout_subset_is_seeded_and_keeps_labels() -> None:
+    labels = _labels_with_gaps()
+    dataset = TensorDataset(torch.arange(len(labels), dtype=torch.float32).unsqueeze(1), labels)
+    subset = heldout_subset(dataset, 5, 3, 11)
+    assert torch.equal(heldout_subset(dataset, 5, 3, 11).data, subset.data)
+    assert heldout_subset(dataset, None, None, 11) is dataset
+    indices = select_heldout(labels, 5, 3, 11)
+    assert torch.equal(subset.data.flatten().long(), indices)
+    assert torch.equal(subset.labels, labels[indices])
+
+
+class _Linear64(torch.nn.Module):
+    """A float64 linear embedder of flattened inputs (any input dtype)."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, dim, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(dim, in_features, dtype=torch.float64,
+                                                 generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1).double())
+
+
+def _heldout_features() -> TensorDataset:
+    """15 identities (labels 1, 3, …, 29) of 2 … 14 float64 features around their centres."""
+    generator = torch.Generator().manual_seed(2)
+    counts = torch.randint(2, 15, (15,), generator=generator)
+    labels = (2 * torch.arange(15) + 1).repeat_interleave(counts)
+    centres = torch.randn(30, 16, dtype=torch.float64, generator=generator)
+    noise = torch.randn(len(labels), 16, dtype=torch.float64, generator=generator)
+    return TensorDataset(centres[labels] + 0.8 * noise, labels)
+
+
+def _write_pair_file(path: Path) -> None:
+    """20 pairs of 4 × 4 gray images: genuine pairs are near-duplicates, impostors unrelated."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, size=(30, 4, 4))
+    images, issame = [], []
+    for pair in range(20):
+        same = pair % 2 == 0
+        first = patterns[pair]
+        second = np.clip(first + rng.integers(-40, 40, size=(4, 4)), 0, 255) if same \
+            else patterns[pair + 10]
+        images += [_png(first.astype(np.uint8)), _png(second.astype(np.uint8))]
+        issame.append(same)
+    write_pairs_bin(path, images, issame)
+
+
+def test_open_set_names_and_objective(tmp_path: Path) -> None:
+    """Held-out metrics are the objective; with no held-out identities the first pair file's
+    are; with neither there is nothing to evaluate."""
+    _write_pair_file(tmp_path / "pairs.bin")
+    pairs = read_pairs_bin(tmp_path / "pairs.bin", image_size=4, channels=1)
+    model, heldout = _Linear64(16, 8), _heldout_features()
+    metrics = evaluate_open_set(model, heldout, [pairs, pairs], **EVAL_OPTIONS)
+    subset = heldout_subset(heldout, 10, 5, 7)
+    assert 0 < len(subset) < len(heldout)
+    held = evaluate_verification(model, subset, num_pairs=200, batch_size=4, seed=7)
+    on_pairs = evaluate_pair_set(model, pairs)
+    statistics = ("intra_compactness", "inter_separation_mean", "inter_separation_p99")
+    assert metrics == {**{f"heldout_{k}" if k in statistics else k: v for k, v in held.items()},
+                       **{f"pairs{i}_{k}": v for i in (0, 1) for k, v in on_pairs.items()}}
+    assert metrics["verification_accuracy"] != on_pairs["verification_accuracy"]
+    empty = heldout.subset(torch.arange(0), torch.arange(0))
+    fallback = evaluate_open_set(model, empty, [pairs], **EVAL_OPTIONS)
+    assert fallback == {**on_pairs, **{f"pairs0_{k}": v for k, v in on_pairs.items()}}
+    with pytest.raises(ValueError, match="heldout_fraction") as error:
+        evaluate_open_set(model, empty, [], **EVAL_OPTIONS)
+    assert "\n" not in str(error.value)
+
+
+EVAL_OPTIONS: dict[str, Any] = {"num_pairs": 200, "max_identities": 10,
+                                "images_per_identity": 5, "batch_size": 4, "seed": 7}
+#: contiguous row counts of 13 and 300 centres per rank: uneven, one rank empty at 3
+CENTRE_SIZES = {1: [[13], [300]], 2: [[9, 4], [1, 299]], 3: [[7, 0, 6], [100, 150, 50]]}
+CENTRE_CASES = [(0, 1000, 4), (1, 2_000_000, 64), (1, 5000, 64)]  # (matrix, max_pairs, chunk)
+
+
+def _centres() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return [torch.randn(count, 6, dtype=torch.float64, generator=generator) + 0.2
+            for count in (13, 300)]
+
+
+def _evaluation_worker(rank: int, world_size: int, pair_path: Path, out_dir: Path) -> None:
+    group = dist.new_group(list(range(world_size)))
+    explicit: list[bool] = []
+
+    def recording(original: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            explicit.append(kwargs.get("group") is group)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("all_gather", "all_reduce"):
+        setattr(dist, name, recording(getattr(dist, name)))
+    shard = HeadShard(0, 0, rank, world_size, group)
+    model, heldout = _Linear64(16, 8), _heldout_features()
+    pairs = read_pairs_bin(pair_path, image_size=4, channels=1)
+    empty = heldout.subset(torch.arange(0), torch.arange(0))
+    records: dict[str, Any] = {
+        "open_set": evaluate_open_set(model, heldout, [pairs], shard, **EVAL_OPTIONS),
+        "pairs_only": evaluate_open_set(model, empty, [pairs], shard, **EVAL_OPTIONS),
+        "tiny": embed_gathered(model, heldout.subset(torch.arange(2), heldout.labels[:2]), shard),
+        "selection": select_heldout(heldout.labels, 10, 5, 7),
+        "centres": [],
+    }
+    for matrix, max_pairs, chunk in CENTRE_CASES:
+        sizes = CENTRE_SIZES[world_size][matrix]
+        start = sum(sizes[:rank])
+        rows = _centres()[matrix][start:start + sizes[rank]]
+        centre_shard = HeadShard(start, start + sizes[rank], rank, world_size, group)
+        records["centres"].append(class_centre_statistics(rows, max_pairs, seed=9, chunk=chunk,
+                                                          shard=centre_shard))
+    records["explicit_group"] = explicit
+    torch.save(records, out_dir / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def distributed_evaluation(gloo_runner: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``get(world_size)``: the pair file and every rank's records (one group per size)."""
+    pair_path = tmp_path_factory.mktemp("pairs") / "pairs.bin"
+    _write_pair_file(pair_path)
+    cache: dict[int, list[dict[str, Any]]] = {}
+
+    def get(world_size: int) -> tuple[Path, list[dict[str, Any]]]:
+        if world_size not in cache:
+            out = tmp_path_factory.mktemp(f"evaluation{world_size}")
+            gloo_runner(_evaluation_worker, world_size, pair_path, out)
+            cache[world_size] = [torch.load(out / f"rank{rank}.pt")
+                                 for rank in range(world_size)]
+        return pair_path, cache[world_size]
+
+    return get
+
+
+def _assert_same_metrics(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sharded_evaluation_equals_one_process(distributed_evaluation: Any,
+                                               world_size: int) -> None:
+    """Verification and centre statistics on 1–3 gloo ranks (uneven slices and shards, one
+    empty) equal the single-process values in float64, on every rank."""
+    pair_path, ranks = distributed_evaluation(world_size)
+    model, heldout = _Linear64(16, 8), _heldout_features()
+    pairs = read_pairs_bin(pair_path, image_size=4, channels=1)
+    expected = evaluate_open_set(model, heldout, [pairs], **EVAL_OPTIONS)
+    empty = heldout.subset(torch.arange(0), torch.arange(0))
+    pairs_only = evaluate_open_set(model, empty, [pairs], **EVAL_OPTIONS)
+    tiny = embed(model, heldout.subset(torch.arange(2), heldout.labels[:2]))
+    for record in ranks:
+        _assert_same_metrics(record["open_set"], expected)
+        _assert_same_metrics(record["pairs_only"], pairs_only)
+        torch.testing.assert_close(record["tiny"], tiny, rtol=0, atol=1e-12)
+        assert torch.equal(record["selection"], select_heldout(heldout.labels, 10, 5, 7))
+        for (matrix, max_pairs, chunk), stats in zip(CENTRE_CASES, record["centres"],
+                                                     strict=True):
+            _assert_same_metrics(stats, class_centre_statistics(
+                _centres()[matrix], max_pairs, seed=9, chunk=chunk))
+        # one process calls no collective; several call each with the explicit group
+        assert all(record["explicit_group"])
+        assert bool(record["explicit_group"]) == (world_size > 1)

@@ -7,12 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
+from workers import train as workers_train
 from workers.config import parse_trial_config
+from workers.head import read_head_manifest
+from workers.train_loop import build_runtime, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +42,32 @@ def test_workers_train_cli_runs_a_config_end_to_end(tmp_path: Path) -> None:
     output = tmp_path / "out"
     process = _run("--config", str(config), "--workers", "2", "--output", str(output))
     assert process.returncode == 0, process.stderr[-3000:]
-    centres = torch.load(output / "class_centres.pt")
-    assert centres.shape == (96, 64)
+    # the centres stay sharded as the two workers held them, without optimizer state
+    manifest = read_head_manifest(output / "class_centres", 96, 64)
+    assert manifest.world_size == 2 and manifest.row_state == manifest.scalar_state == []
+    merge = subprocess.run([sys.executable, "-m", "workers.head.merge",
+                            str(output / "class_centres"), str(tmp_path / "centres.pt")],
+                           capture_output=True, text=True, timeout=60)
+    assert merge.returncode == 0 and "96 × 64 class centres" in merge.stdout, merge.stderr
+    centres = torch.load(tmp_path / "centres.pt")
+    shards = [torch.load(output / "class_centres" / shard.file)["weight"]
+              for shard in manifest.shards]
+    assert centres.shape == (96, 64) and torch.equal(centres, torch.cat(shards))
     assert set(torch.load(output / "backbone.pt")) >= {"neck.1.weight"}
     written = parse_trial_config(yaml.safe_load((output / "trial.yaml").read_text()))
     assert written.resources.num_workers == 2
     assert json.loads((output / "metrics.json").read_text())["epoch"] == 0
+
+    # --resume-from: the run's checkpoint, one more epoch at one worker
+    # checkpoint.keep = 2 (the default) keeps the one epoch's checkpoint
+    (checkpoint,) = [path for path in (output / "ray_storage" / "train").glob("checkpoint_*")
+                     if path.is_dir()]
+    resumed = tmp_path / "resumed"
+    process = _run("--config", str(config), "--workers", "1", "--epochs", "2",
+                   "--output", str(resumed), "--resume-from", str(checkpoint))
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert json.loads((resumed / "metrics.json").read_text())["epoch"] == 1
+    assert read_head_manifest(resumed / "class_centres", 96, 64).world_size == 1
 
 
 def test_cli_rejects_a_bad_config_before_ray(tmp_path: Path) -> None:
@@ -53,3 +77,37 @@ def test_cli_rejects_a_bad_config_before_ray(tmp_path: Path) -> None:
     assert process.returncode == 2
     assert "bad.yaml: head.sample_ratio = 0 must be a number in (0.0, 1.0]" in process.stderr
     assert "ray" not in process.stderr.lower()
+
+
+def _resume_error(tmp_path: Path, resume_from: Path, capsys: pytest.CaptureFixture[str],
+                  **config: Any) -> str:
+    path = tmp_path / "trial.yaml"
+    path.write_text(parse_trial_config({**CONFIG, **config}).to_yaml())
+    code = workers_train.main(["--config", str(path), "--output", str(tmp_path / "out"),
+                               "--resume-from", str(resume_from)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    return err
+
+
+def test_resume_from_is_checked_before_ray(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    checkpoint = tmp_path / "checkpoint"
+    trial = parse_trial_config(CONFIG)
+    save_checkpoint(build_runtime(trial, 0, 1, torch.device("cpu"), None), checkpoint)
+    assert _resume_error(tmp_path, tmp_path / "nope", capsys) == (
+        f"error: --resume-from: {tmp_path / 'nope'}: no such checkpoint directory\n")
+    more_classes = {**CONFIG["data"], "num_identities": 97}
+    assert _resume_error(tmp_path, checkpoint, capsys, data=more_classes) == (
+        f"error: --resume-from: {checkpoint}/head/manifest.json: num_classes = 96, but the head "
+        "has num_classes = 97\n")
+    (checkpoint / "head" / "rows-00000-of-00001.pt").unlink()
+    assert _resume_error(tmp_path, checkpoint, capsys) == (
+        f"error: --resume-from: {checkpoint}/head/rows-00000-of-00001.pt: missing (listed by "
+        "manifest.json)\n")
+    (checkpoint / "state.pt").unlink()
+    assert _resume_error(tmp_path, checkpoint, capsys) == (
+        f"error: --resume-from: {checkpoint}/state.pt: missing; not a training checkpoint\n")
+    assert not ray.is_initialized()

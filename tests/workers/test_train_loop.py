@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from workers.config import TrialConfig, parse_trial_config
+from workers.head import read_head_manifest
 from workers.train import HEALTH_CHECK_ENV, build_trainer, check_resources
 from workers.train_loop import (
     CHECKPOINT_FILE,
+    HEAD_DIR,
     _schedule,
     build_runtime,
-    checkpoint_state,
     load_checkpoint,
+    save_checkpoint,
     train_epoch,
 )
 
@@ -60,6 +62,15 @@ def _fit(trial: TrialConfig, storage: Path, name: str, resume_from: str | None =
     return build_trainer(trial, storage, name=name, resume_from=resume_from).fit()
 
 
+def _head_rows(checkpoint: Path, key: str | None = None) -> torch.Tensor:
+    """The logical C × D weight (``key=None``) or optimizer state ``key`` of a checkpoint,
+    joined from its shard files (a test may hold the whole matrix)."""
+    manifest = read_head_manifest(checkpoint / HEAD_DIR)
+    parts = [torch.load(checkpoint / HEAD_DIR / shard.file) for shard in manifest.shards]
+    return torch.cat([part["weight"] if key is None else part["optimizer"][key]
+                      for part in parts])
+
+
 EXPECTED_METRICS = {
     "loss", "intra_positive_logit", "inter_negative_lse", "verification_accuracy",
     "verification_accuracy_std", "roc_auc", "tar_at_far_1e-01", "tar_at_far_1e-02",
@@ -72,7 +83,7 @@ EXPECTED_METRICS = {
 
 
 def test_two_workers_two_epochs_report_every_metric(ray_local: Any, tmp_path: Path) -> None:
-    result = _fit(_trial(), tmp_path, "full")
+    result = _fit(_trial(checkpoint__keep=1), tmp_path, "full")
     metrics = result.metrics
     assert metrics["diverged"] == 0 and metrics["epoch"] == 1 and metrics["restarts"] == 0
     assert EXPECTED_METRICS <= set(metrics), EXPECTED_METRICS - set(metrics)
@@ -82,8 +93,16 @@ def test_two_workers_two_epochs_report_every_metric(ray_local: Any, tmp_path: Pa
     assert metrics["head_bytes_per_step"] > 0 and metrics["peak_memory_bytes"] > 1e7
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
-    assert state["head_weight"].shape == (96, 64)
+        manifest = read_head_manifest(Path(directory) / HEAD_DIR, 96, 64)
+        # both workers' shard files landed in the one checkpoint directory
+        assert _head_rows(Path(directory)).shape == (96, 64)
+    assert manifest.world_size == 2 and manifest.row_state == ["momentum_buffer"]
     assert state["world_size"] == 2 and state["epoch"] == 2
+    # rank 0's state holds no head rows: not the weight, not its momentum
+    (head_index,) = state["optimizer"]["param_groups"][1]["params"]
+    assert "head_weight" not in state and head_index not in state["optimizer"]["state"]
+    # checkpoint.keep = 1: storage holds the last of the two epochs' checkpoints only
+    assert len([path for path in (tmp_path / "full").glob("checkpoint_*") if path.is_dir()]) == 1
 
 
 def test_sample_ratio_cuts_head_flops_by_its_factor(ray_local: Any, tmp_path: Path) -> None:
@@ -96,21 +115,36 @@ def test_sample_ratio_cuts_head_flops_by_its_factor(ray_local: Any, tmp_path: Pa
     assert sampled["head_flops_per_sample"] / (8 * 64 * 800) == pytest.approx(0.1)
 
 
-def test_checkpoint_at_two_workers_resumes_at_one(ray_local: Any, tmp_path: Path) -> None:
+def test_checkpoint_at_two_workers_resumes_at_three_and_one(ray_local: Any,
+                                                             tmp_path: Path) -> None:
     first = _fit(_trial(epochs=1), tmp_path, "two")
     with first.checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+        saved_dir = Path(directory)
+        saved = torch.load(saved_dir / CHECKPOINT_FILE, weights_only=False)
+        # epoch 1 of 1 is done: three workers restore the checkpoint (each reading its rows)
+        # and report it again from what they restored, without training
+        three = _fit(_trial(epochs=1, resources__num_workers=3), tmp_path, "three",
+                     resume_from=directory)
         resumed = _fit(_trial(epochs=2, resources__num_workers=1), tmp_path, "one",
                        resume_from=directory)
+        with three.checkpoint.as_directory() as restored_dir:
+            restored = Path(restored_dir)
+            assert read_head_manifest(restored / HEAD_DIR).world_size == 3
+            for key in (None, "momentum_buffer"):
+                assert torch.equal(_head_rows(restored, key), _head_rows(saved_dir, key)), key
+            state = torch.load(restored / CHECKPOINT_FILE, weights_only=False)
+        assert state["step"] == saved["step"] and state["world_size"] == 3
+        for name, value in saved["backbone"].items():
+            assert torch.equal(state["backbone"][name], value), name
+        with resumed.checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+            trained = _head_rows(Path(directory))
+        assert not torch.equal(trained, _head_rows(saved_dir))  # training continued
     metrics = resumed.metrics
     assert metrics["epoch"] == 1 and metrics["diverged"] == 0
     # one worker takes the whole global batch per step: 96·12 / 32 = 36 steps per epoch
     assert metrics["step"] == saved["step"] + 36
-    with resumed.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
-    assert state["world_size"] == 1
-    assert state["head_weight"].shape == saved["head_weight"].shape
-    assert not torch.equal(state["head_weight"], saved["head_weight"])  # training continued
+    assert state["world_size"] == 1 and trained.shape == (96, 64)
 
 
 def test_diverging_config_ends_as_diverged_without_retries(ray_local: Any,
@@ -136,12 +170,11 @@ def test_checkpoint_round_trip_restores_every_piece(tmp_path: Path) -> None:
     runtime = build_runtime(trial, 0, 1, torch.device("cpu"), None)
     train_epoch(runtime, 0)
     runtime.epoch = 1
-    state = checkpoint_state(runtime)
-    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    save_checkpoint(runtime, tmp_path)
     fresh = build_runtime(trial, 0, 1, torch.device("cpu"), None)
     assert not torch.equal(fresh.head.weight, runtime.head.weight)
     load_checkpoint(fresh, tmp_path)
-    assert torch.equal(fresh.head.full_weight(), runtime.head.full_weight())
+    assert torch.equal(fresh.head.weight, runtime.head.weight)
     momentum = fresh.optimizer.state[fresh.head.weight]["momentum_buffer"]
     assert torch.equal(momentum, runtime.optimizer.state[runtime.head.weight]["momentum_buffer"])
     for name, value in runtime.backbone.state_dict().items():

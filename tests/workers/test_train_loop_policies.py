@@ -2,7 +2,8 @@
 on real gloo groups (no Ray: the same worker code the Ray Train tests run, minus the start-up).
 
 Each case trains from the same seed as an untrained twin and must lower the training loss
-clearly; ``sparse`` must follow ``frozen`` step for step (float32, so to rounding).
+clearly; ``sparse`` must follow ``frozen`` step for step (float32, so to rounding); a run
+whose batches come from a data-loader process must equal the in-process run bitwise.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ DATA = {"source": "synthetic", "num_identities": 60, "samples_per_identity": 8,
         "heldout_identities": 8}
 
 
-def _trial(unsampled_rows: str, optimizer: str, precision: str) -> TrialConfig:
+def _trial(unsampled_rows: str, optimizer: str, precision: str,
+           loader_workers: int = 0) -> TrialConfig:
     return parse_trial_config({
-        "epochs": 3, "batch_size": 24, "seed": 3, "data": DATA,
+        "epochs": 3, "batch_size": 24, "seed": 3,
+        "data": {**DATA, "loader_workers": loader_workers},
         "loss": {"name": "cosface", "hyperparameters": {"scale": 16.0, "margin": 0.2}},
         "head": {"sample_ratio": 0.3, "unsampled_rows": unsampled_rows},
         "model": {"backbone": "mlp", "embedding_dim": 32, "width": 32},
@@ -39,15 +42,19 @@ def _train(rank: int, world_size: int, cases: list[tuple[str, str, str]], out: P
     results = {}
     for case in cases:
         runtime = build_runtime(_trial(*case), rank, world_size, torch.device("cpu"), group)
-        losses = [train_epoch(runtime, epoch)["loss"] for epoch in range(3)]
-        results[case] = {"losses": losses, "weight": runtime.head.weight.detach().clone(),
+        metrics = [train_epoch(runtime, epoch) for epoch in range(3)]
+        losses = [epoch["loss"] for epoch in metrics]
+        results[case] = {"losses": losses,
+                         "data_wait": [epoch["data_wait_fraction"] for epoch in metrics],
+                         "weight": runtime.head.weight.detach().clone(),
                          "state": {key: value.clone() for key, value in
                                    runtime.optimizer.state[runtime.head.weight].items()}}
     torch.save(results, out / f"rank{rank}.pt")
 
 
 CASES = [("sparse", "sgd", "fp32"), ("frozen", "sgd", "fp32"), ("sparse", "adamw", "fp32"),
-         ("frozen", "adamw", "fp32"), ("sparse", "sgd", "bf16"), ("dense", "sgd", "bf16")]
+         ("frozen", "adamw", "fp32"), ("sparse", "sgd", "bf16"), ("dense", "sgd", "bf16"),
+         ("sparse", "sgd", "fp32", 1)]
 
 
 def test_policies_and_precisions_learn_and_sparse_follows_frozen(gloo_runner: Any,
@@ -59,6 +66,11 @@ def test_policies_and_precisions_learn_and_sparse_follows_frozen(gloo_runner: An
             first, last = result["losses"][0], result["losses"][-1]
             # the first epoch's mean already includes learning; the third must be well below
             assert last < 0.5 * first, (case, result["losses"])
+            assert all(0.0 <= wait < 1.0 for wait in result["data_wait"]), result["data_wait"]
+        assert results[("sparse", "sgd", "fp32", 1)]["losses"] == results[
+            ("sparse", "sgd", "fp32")]["losses"]
+        assert torch.equal(results[("sparse", "sgd", "fp32", 1)]["weight"],
+                           results[("sparse", "sgd", "fp32")]["weight"])
         for optimizer in ("sgd", "adamw"):
             sparse, frozen = results[("sparse", optimizer, "fp32")], results[
                 ("frozen", optimizer, "fp32")]

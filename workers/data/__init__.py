@@ -1,5 +1,6 @@
 """Data: synthetic identities, image folders, RecordIO, ``.bin`` pairs, Omniglot, Parquet
-features; identity-disjoint splits; per-worker epoch sharding.
+features, packed Parquet shards streamed by Ray Data; identity-disjoint splits; per-worker
+epoch sharding.
 
 The train loop needs ``parse_data_config`` (a dict → ``DataConfig``) → ``load_dataset`` →
 ``DatasetSplit`` and ``epoch_batches``; the driver ``check_data_config``; the readers and
@@ -18,6 +19,7 @@ from ._dataset import (
     random_flip,
 )
 from ._image_folder import IMAGE_EXTENSIONS, load_image_folder
+from ._ingest import decode_shard_batch, ingest_cpus, shard_batches, shard_steps, train_ingest
 from ._load import (
     DataConfig,
     DatasetSplit,
@@ -41,6 +43,14 @@ from ._recordio import (
     unpack_record,
     write_recordio,
 )
+from ._shards import (
+    PackedShards,
+    ShardManifest,
+    ShardRows,
+    check_shards,
+    heldout_dataset,
+    open_shards,
+)
 from ._split import epoch_batches, split_dataset, split_identities
 from ._synthetic import synthetic_identities
 
@@ -53,24 +63,32 @@ __all__ = [
     "DecodedDataset",
     "EpochBatches",
     "LabelledDataset",
+    "PackedShards",
     "PairSet",
     "RecordIOReader",
     "RecordIOWriter",
+    "ShardManifest",
+    "ShardRows",
     "Source",
     "TensorDataset",
     "alphabet_of_class",
     "batch_loader",
     "check_data_config",
+    "check_shards",
     "decode_image",
     "decode_image_pixels",
+    "decode_shard_batch",
     "epoch_batches",
     "frame_record",
+    "heldout_dataset",
+    "ingest_cpus",
     "load_dataset",
     "load_image_folder",
     "load_omniglot",
     "load_recordio",
     "loader_workers",
     "normalise_inputs",
+    "open_shards",
     "pack_record",
     "parse_data_config",
     "random_flip",
@@ -78,10 +96,13 @@ __all__ = [
     "read_parquet_features",
     "read_property",
     "resolve_omniglot_path",
+    "shard_batches",
+    "shard_steps",
     "split_dataset",
     "split_identities",
     "synthetic_identities",
     "to_device",
+    "train_ingest",
     "unpack_record",
     "write_pairs_bin",
     "write_parquet_features",

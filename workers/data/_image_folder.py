@@ -7,6 +7,7 @@ to ``S × S``, ``x/127.5 − 1``) happens lazily per item.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,18 +35,20 @@ def load_image_folder(root: str | Path, image_size: int = 112, channels: int = 3
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
-    identities = sorted(entry for entry in root.iterdir() if entry.is_dir())
+    with os.scandir(root) as entries:
+        identities = sorted(entry.path for entry in entries if entry.is_dir())
     if not identities:
         raise ValueError(f"{root}: no identity sub-folders")
     paths: list[str] = []
-    labels: list[int] = []
-    for label, folder in enumerate(identities):
-        images = sorted(entry for entry in folder.iterdir()
-                        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS)
+    counts = torch.empty(len(identities), dtype=torch.int64)
+    for label, folder in enumerate(identities):  # one directory listing per identity
+        with os.scandir(folder) as entries:  # file types from the listing: no stat per image
+            images = sorted(entry.path for entry in entries if entry.is_file()
+                            and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             raise ValueError(f"{folder}: identity folder has no images (extensions: "
                              f"{sorted(IMAGE_EXTENSIONS)})")
-        paths += [str(image) for image in images]
-        labels += [label] * len(images)
-    return DecodedDataset(paths, torch.tensor(labels), _read_file, _describe_file, image_size,
-                          channels, flip)
+        paths += images
+        counts[label] = len(images)
+    labels = torch.arange(len(identities)).repeat_interleave(counts)
+    return DecodedDataset(paths, labels, _read_file, _describe_file, image_size, channels, flip)

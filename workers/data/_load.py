@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ._dataset import LabelledDataset
 from ._image_folder import load_image_folder
@@ -16,11 +24,14 @@ from ._omniglot import alphabet_of_class, check_omniglot, load_omniglot, resolve
 from ._pairs import PairSet, read_pairs_bin
 from ._parquet import check_parquet_features, read_parquet_features
 from ._recordio import check_recordio, load_recordio
+from ._shards import PackedShards, check_shards, heldout_dataset, open_shards
 from ._split import split_dataset
 from ._synthetic import synthetic_identities
 
-Source = Literal["synthetic", "image_folder", "recordio", "omniglot", "parquet"]
+Source = Literal["synthetic", "image_folder", "recordio", "omniglot", "parquet", "shards"]
 _SYNTHETIC_ONLY = ("num_identities", "samples_per_identity", "difficulty", "heldout_identities")
+#: fixed by a packed folder's manifest (size, split) or not used by Ray Data ingest
+_NOT_FOR_SHARDS = ("image_size", "channels", "heldout_fraction", "loader_workers")
 
 
 class DataConfig(BaseModel):
@@ -29,9 +40,16 @@ class DataConfig(BaseModel):
     ``synthetic`` (default, no path): ``num_identities`` train and ``heldout_identities``
     held-out identities of ``samples_per_identity`` images at ``difficulty`` (0 = clean,
     1 = tuned default). Other sources split their identities with ``heldout_fraction``
-    (omniglot holds out whole alphabets). ``image_size``/``channels`` are the decoded size of
-    image sources; ``flip`` turns on random horizontal flips of training images;
-    ``pair_files`` are ``.bin`` verification sets loaded beside the split.
+    (omniglot holds out whole alphabets); 0 (every identity trains) only with ``pair_files``,
+    whose first set then gives the objective ``verification_accuracy``.
+    ``image_size``/``channels`` are the decoded size of image sources; ``flip`` turns on random
+    horizontal flips of training images; ``pair_files`` are ``.bin`` verification sets loaded
+    beside the split.
+
+    ``shards`` (``path``: a packed folder or its ``manifest.json``, see
+    ``python -m workers.data.pack``): the split, image size and channels come from the
+    manifest; Ray Data streams the train shards, decoding on at most ``ray_data_cpus`` CPUs
+    per trial.
     """
 
     # strict, as the trial config: a YAML ``true`` or ``32.0`` is not an integer
@@ -43,16 +61,31 @@ class DataConfig(BaseModel):
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     flip: bool = False
-    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     num_identities: int = Field(500, ge=2)
     samples_per_identity: int = Field(20, ge=2)
     heldout_identities: int = Field(200, ge=2)
     difficulty: float = Field(1.0, ge=0.0, le=4.0)
     pair_files: tuple[str, ...] = Field((), strict=False)  # a YAML list
+    #: data-loader processes per Train worker that decode ahead of training (0: in the
+    #: training process); None = auto from ``resources.cpus_per_worker``
+    loader_workers: int | None = Field(None, ge=0, le=64)
+    #: source ``shards``: logical CPUs one trial's Ray Data ingest (read, decode, flip) may use
+    #: at once, on any nodes; the study counts them in each trial's share of the cluster
+    ray_data_cpus: float = Field(1.0, gt=0.0, le=4096.0)
+    #: after ``pair_files``, which its validator reads
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("heldout_fraction")
+    @classmethod
+    def _heldout_needs_pairs(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0.0 and not info.data.get("pair_files"):
+            raise ValueError("must be a number in (0.0, 1.0) without pair_files (0 holds out "
+                             "no identities and needs pair files)")
+        return value
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
-        if self.source in ("image_folder", "recordio", "parquet") and not self.path:
+        if self.source in ("image_folder", "recordio", "parquet", "shards") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
         if self.source == "synthetic" and self.path:
             raise ValueError("source 'synthetic' takes no path")
@@ -64,20 +97,30 @@ class DataConfig(BaseModel):
         misplaced = (sorted(set(_SYNTHETIC_ONLY) & self.model_fields_set)
                      if self.source != "synthetic" else
                      sorted({"heldout_fraction"} & self.model_fields_set))
+        if self.source == "shards":
+            misplaced += sorted(set(_NOT_FOR_SHARDS) & self.model_fields_set)
+        elif "ray_data_cpus" in self.model_fields_set:
+            misplaced.append("ray_data_cpus")
         if misplaced:
-            raise ValueError(f"{misplaced} do not apply to source {self.source!r}")
+            hint = " (its manifest fixes them)" if self.source == "shards" else ""
+            raise ValueError(f"{misplaced} do not apply to source {self.source!r}{hint}")
         return self
 
 
 @dataclass(frozen=True)
 class DatasetSplit:
-    """Identity-disjoint ``train`` (labels in ``[0, num_classes)``) and ``heldout`` parts."""
+    """Identity-disjoint ``train`` (labels in ``[0, num_classes)``) and ``heldout`` parts.
 
-    train: LabelledDataset
+    Source ``shards``: ``train`` is None (Ray Data streams it from ``shards``, the packed
+    folder) and ``heldout`` reads the held-out shards.
+    """
+
+    train: LabelledDataset | None
     heldout: LabelledDataset
     num_classes: int
     input_shape: tuple[int, ...]
     pairs: tuple[PairSet, ...] = field(default=())
+    shards: PackedShards | None = None
 
 
 def parse_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
@@ -98,7 +141,8 @@ def parse_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
 def check_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
     """``parse_data_config`` plus the file checks a driver can do before starting Ray: every
     pair file loads, and the data path exists with the right kind and header (a folder, a
-    RecordIO index and first frame, a Parquet schema, an npz's arrays). ``load_dataset``
+    RecordIO index and first frame, a Parquet schema, an npz's arrays, a shard manifest and
+    every shard's size and footer). ``load_dataset``
     validates the rest. A problem is one line naming the file and the field."""
     config = parse_data_config(data, source)
     checks: list[tuple[Path, str, Callable[[Path], object]]] = [
@@ -125,11 +169,16 @@ def _check_folder(path: Path) -> None:
 
 
 _CONTENT_CHECKS: dict[str, Callable[[Path], object]] = {
-    "image_folder": _check_folder, "recordio": check_recordio, "parquet": check_parquet_features}
+    "image_folder": _check_folder, "recordio": check_recordio, "parquet": check_parquet_features,
+    "shards": check_shards}
 
 
 def load_dataset(config: DataConfig) -> DatasetSplit:
-    """Load, validate and split the configured data; every input error is raised here."""
+    """Load, validate and split the configured data; every input error is raised here
+    (source ``shards``: the manifest and the held-out shards; ``check_data_config`` checks
+    the train shards' footers once, on the driver)."""
+    if config.source == "shards":
+        return _load_shards(config)
     pairs = tuple(read_pairs_bin(path, config.image_size, config.channels)
                   for path in config.pair_files)
     if config.source == "synthetic":
@@ -155,3 +204,12 @@ def load_dataset(config: DataConfig) -> DatasetSplit:
                                        config.flip)
     num_classes = int(torch.unique(train.labels).numel())
     return DatasetSplit(train, heldout, num_classes, train.input_shape, pairs)
+
+
+def _load_shards(config: DataConfig) -> DatasetSplit:
+    """The held-out side and the sizes of a packed folder; no train image is read here."""
+    shards = open_shards(config.path or "")
+    size, channels = shards.manifest.image_size, shards.manifest.channels
+    pairs = tuple(read_pairs_bin(path, size, channels) for path in config.pair_files)
+    return DatasetSplit(None, heldout_dataset(shards), shards.manifest.train.classes,
+                        shards.input_shape, pairs, shards)

@@ -16,7 +16,9 @@ without it every key is an image. ``property`` holds ``num_classes,height,width`
 
 from __future__ import annotations
 
+import os
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,23 +107,33 @@ class RecordIOReader:
         self._handle: Any = None
 
     def _read_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted keys and their offsets (int64 arrays), every line and offset checked."""
-        text = self.idx_path.read_text()
-        lines = [number for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-        try:
-            table = np.array(text.split(), dtype=np.int64).reshape(len(lines), 2)
-        except ValueError:
-            for number, line in enumerate(text.splitlines(), 1):
+        """Sorted keys and their offsets (int64 arrays), every line and offset checked.
+
+        Parsed by numpy's C reader (no Python work per line); the text is walked line by line
+        only to name a bad line in an error.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an empty index: "no data"
+            try:
+                table = np.loadtxt(self.idx_path, dtype=np.int64, comments=None, ndmin=2)
+                parsed = table.size == 0 or table.shape[1] == 2
+            except ValueError:
+                parsed = False
+        if not parsed:
+            for number, line in enumerate(self.idx_path.read_text().splitlines(), 1):
                 fields = line.split()
                 if line.strip() and (len(fields) != 2 or not all(f.isdigit() for f in fields)):
                     raise ValueError(f"{self.idx_path}:{number}: expected 'key<TAB>offset', "
-                                     f"got {line[:60]!r}") from None
-            raise ValueError(f"{self.idx_path}: expected 'key<TAB>offset' lines") from None
+                                     f"got {line[:60]!r}")
+            raise ValueError(f"{self.idx_path}: expected 'key<TAB>offset' lines")
+        table = table.reshape(-1, 2)
         order = np.argsort(table[:, 0], kind="stable")
         keys, offsets = table[order, 0], table[order, 1]
         past = np.flatnonzero((offsets + 8 > self.size) | (offsets < 0))
         if len(past):
             row = int(order[past[0]])
+            lines = [number for number, line in
+                     enumerate(self.idx_path.read_text().splitlines(), 1) if line.strip()]
             raise ValueError(f"{self.idx_path}:{lines[row]}: key {keys[past[0]]} offset "
                              f"{offsets[past[0]]} is past the end of {self.rec_path} "
                              f"({self.size} bytes)")
@@ -201,6 +213,56 @@ class RecordIOReader:
         return labels
 
 
+#: where label scans of RecordIO sets in read-only folders are cached
+CACHE_ENV = "MARGINLAB_HOME"
+
+
+def _label_cache_paths(rec_path: Path) -> list[Path]:
+    """Where the label scan of ``rec_path`` is cached: next to it, else under
+    ``$MARGINLAB_HOME/cache`` (default ``~/.marginlab``), named after its absolute path."""
+    home = Path(os.environ.get(CACHE_ENV, Path.home() / ".marginlab")).expanduser()
+    name = str(rec_path.resolve()).replace(os.sep, "_").strip("_")
+    return [rec_path.with_name(rec_path.name + ".labels.npz"),
+            home / "cache" / "recordio-labels" / f"{name}.npz"]
+
+
+def _stamp(reader: RecordIOReader) -> np.ndarray:
+    """Size and modification time (ns) of the ``.rec`` and the ``.idx``: the cache key."""
+    stats = [path.stat() for path in (reader.rec_path, reader.idx_path)]
+    return np.array([value for stat in stats for value in (stat.st_size, stat.st_mtime_ns)],
+                    dtype=np.int64)
+
+
+def cached_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
+    """``reader.labels(keys)``, scanned once per ``.rec``/``.idx`` version and then read from
+    a cache (the keys, the labels and the files' sizes and mtimes; any change rescans).
+
+    The scan reads every record's header, O(N) disk seeks: a study's workers and trials
+    share one scan instead of paying it each. A cache that cannot be written is skipped.
+    """
+    stamp, locations = _stamp(reader), _label_cache_paths(reader.rec_path)
+    for location in locations:
+        try:
+            with np.load(location) as cached:
+                if np.array_equal(cached["stamp"], stamp) and np.array_equal(cached["keys"],
+                                                                             keys):
+                    return cached["labels"]
+        except (OSError, KeyError, ValueError):
+            continue
+    labels = reader.labels(keys)
+    for location in locations:
+        partial = location.with_name(f".{location.name}.{os.getpid()}.partial")
+        try:
+            location.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("wb") as handle:
+                np.savez(handle, stamp=stamp, keys=keys, labels=labels)
+            os.replace(partial, location)  # atomic: concurrent workers never read half a file
+            break
+        except OSError:
+            partial.unlink(missing_ok=True)
+    return labels
+
+
 def _paths(path: Path) -> tuple[Path, Path, Path]:
     rec = path if path.suffix == ".rec" else path / "train.rec"
     return rec, rec.with_suffix(".idx"), rec.parent / "property"
@@ -264,7 +326,7 @@ def load_recordio(path: str | Path, image_size: int = 112, channels: int = 3,
                                  f"but key {missing[0]} is missing")
     if not len(keys):
         raise ValueError(f"{rec_path}: no image records")
-    labels = reader.labels(keys)
+    labels = cached_labels(reader, keys)
     num_classes = read_property(property_path)[0] if property_path.is_file() else None
     bad = (labels != np.round(labels)) | (labels < 0)
     if num_classes is not None:

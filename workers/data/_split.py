@@ -19,31 +19,38 @@ def split_identities(groups: torch.Tensor, heldout_fraction: float,
     ``groups[k]`` is the group of identity ``k`` (e.g. its alphabet; ``arange(K)`` for plain
     identities); whole groups are held out, in a seeded random order, until at least
     ``round(heldout_fraction · K)`` identities (≥ 1) are held out. At least one group stays
-    in training.
+    in training; ``heldout_fraction = 0`` holds out nothing. Cost O(K log K): one
+    ``unique`` with counts, a permutation of the G groups and a cumulative sum of their sizes.
     """
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"`0 < heldout_fraction < 1` must hold, but got {heldout_fraction=}")
-    unique = torch.unique(groups)
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"`0 <= heldout_fraction < 1` must hold, but got {heldout_fraction=}")
+    identities = torch.arange(len(groups))
+    if heldout_fraction == 0.0:
+        return identities, identities[:0]
+    unique, group_index, sizes = torch.unique(groups, return_inverse=True, return_counts=True)
     if len(unique) < 2:
         raise ValueError(f"an identity-disjoint split needs ≥ 2 identity groups, got "
                          f"{len(unique)}")
     generator = torch.Generator().manual_seed(derive_seed("split", seed))
-    order = unique[torch.randperm(len(unique), generator=generator)]
+    order = torch.randperm(len(unique), generator=generator)
     target = max(1, round(heldout_fraction * len(groups)))
-    sizes = torch.stack([(groups == group).sum() for group in order])
-    taken = int(torch.searchsorted(torch.cumsum(sizes, 0), target)) + 1
+    taken = int(torch.searchsorted(torch.cumsum(sizes[order], 0), target)) + 1
     taken = min(taken, len(order) - 1)
-    heldout_mask = torch.isin(groups, order[:taken])
-    identities = torch.arange(len(groups))
+    heldout_group = torch.zeros(len(unique), dtype=torch.bool)
+    heldout_group[order[:taken]] = True
+    heldout_mask = heldout_group[group_index]
     return identities[~heldout_mask], identities[heldout_mask]
 
 
-def _relabel(dataset: LabelledDataset, identities: torch.Tensor,
-             flip: bool) -> LabelledDataset:
-    """The samples whose label is in ``identities`` (sorted), labelled by position there."""
-    indices = torch.nonzero(torch.isin(dataset.labels, identities)).flatten()
-    labels = torch.searchsorted(identities, dataset.labels[indices])
-    return dataset.subset(indices, labels, flip)
+def _relabel(dataset: LabelledDataset, identity_of: torch.Tensor, identities: torch.Tensor,
+             num_identities: int, flip: bool) -> LabelledDataset:
+    """The samples whose identity (``identity_of[n]`` in ``[0, num_identities)``) is in
+    ``identities`` (sorted), labelled by position there: O(N + K)."""
+    position = torch.full((num_identities,), -1, dtype=torch.int64)
+    position[identities] = torch.arange(len(identities))
+    labels = position[identity_of]
+    indices = torch.nonzero(labels >= 0).flatten()
+    return dataset.subset(indices, labels[indices], flip)
 
 
 def split_dataset(dataset: LabelledDataset, heldout_fraction: float, seed: int,
@@ -53,12 +60,13 @@ def split_dataset(dataset: LabelledDataset, heldout_fraction: float, seed: int,
 
     Identities are the distinct labels present; ``groups`` (indexed by original label) makes
     whole groups go together. ``flip`` turns on flip augmentation for the train side only.
+    One ``unique`` over the N labels, then O(N + K).
     """
-    present = torch.unique(dataset.labels)
+    present, identity_of = torch.unique(dataset.labels, return_inverse=True)
     group_of = present if groups is None else groups[present]
     train, heldout = split_identities(group_of, heldout_fraction, seed)
-    return (_relabel(dataset, present[train], flip),
-            _relabel(dataset, present[heldout], False))
+    return (_relabel(dataset, identity_of, train, len(present), flip),
+            _relabel(dataset, identity_of, heldout, len(present), False))
 
 
 def epoch_batches(num_samples: int, batch_size_per_worker: int, rank: int, world_size: int,

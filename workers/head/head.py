@@ -16,7 +16,7 @@ from workers.seeding import derive_seed
 
 from ._collectives import all_gather_rows, all_reduce_sum, gather_rows, local_rows, scatter_rows_sum
 from ._function import ChunkedLSE, LSEOptions
-from ._partition import HeadShard, partition_n_into_range
+from ._partition import HeadShard
 from ._sampling import SampledClasses, sample_classes
 from ._sparse_step import check_sparse_optimizer, sparse_row_step
 
@@ -305,29 +305,3 @@ class SampledSoftmaxHead(nn.Module):
             value[rows] = saved[key] if key in saved else 0
         self._touched.zero_()
         self._frozen = None
-
-    # --- the logical C × D matrix ------------------------------------------------------------
-    @torch.no_grad()
-    def full_weight(self) -> torch.Tensor:
-        """The full ``num_classes × D`` centre matrix on every rank (collective; e.g. to save)."""
-        return self.gather_rows(self.weight)
-
-    @torch.no_grad()
-    def gather_rows(self, shard_rows: torch.Tensor) -> torch.Tensor:
-        """Join every rank's per-class rows (the weight, or optimizer state shaped like it)
-        into the logical ``num_classes × …`` tensor, on every rank (collective)."""
-        sizes = [stop - start for start, stop in
-                 partition_n_into_range(self.num_classes, self.shard.world_size)]
-        return all_gather_rows(shard_rows.detach(), sizes, self.shard).clone()
-
-    def local_rows(self, full_rows: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a logical ``num_classes × …`` tensor."""
-        return full_rows[self.shard.start : self.shard.stop].clone()
-
-    @torch.no_grad()
-    def load_full_weight(self, weight: torch.Tensor) -> None:
-        """Copy this rank's rows of a full ``num_classes × D`` matrix (any world size saved it)."""
-        if tuple(weight.shape) != (self.num_classes, self.embedding_dim):
-            raise ValueError(f"full weight of shape {tuple(weight.shape)} != "
-                             f"({self.num_classes}, {self.embedding_dim})")
-        self.weight.copy_(weight[self.shard.start : self.shard.stop])

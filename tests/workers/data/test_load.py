@@ -31,6 +31,8 @@ from workers.data import (
     ({"source": "sqlite"}, "source"),
     ({"unknown_knob": 1}, "unknown_knob"),
     ({"heldout_fraction": 1.0, "source": "omniglot"}, "heldout_fraction"),
+    ({"heldout_fraction": -0.1, "source": "omniglot"}, "heldout_fraction"),
+    ({"heldout_fraction": 0.0, "source": "omniglot"}, "heldout_fraction"),
     ({"image_size": 4}, "image_size"),
 ])
 def test_invalid_configs(fields: dict, match: str) -> None:
@@ -122,6 +124,23 @@ def test_recordio_and_parquet_sources(tmp_path) -> None:
     split = load_dataset(DataConfig(source="parquet", path=str(tmp_path / "f.parquet")))
     assert split.input_shape == (4,) and split.num_classes + len(
         torch.unique(split.heldout.labels)) == 6
+
+
+def test_zero_heldout_fraction_needs_pair_files(tmp_path) -> None:
+    """0 without pair files is one line naming the field and range; with them every identity
+    trains and the held-out side is empty."""
+    with pytest.raises(ValueError) as error:
+        parse_data_config({"source": "parquet", "path": "f.parquet", "heldout_fraction": 0.0})
+    assert_one_line(error, "data.heldout_fraction", "(0.0, 1.0)", "pair_files")
+    labels = np.repeat(np.array([4, 0, 7, 2]), 3)
+    write_parquet_features(tmp_path / "f.parquet", np.eye(12, 4), labels)
+    write_pairs_bin(tmp_path / "lfw.bin", [encode_png(gray(v)) for v in range(4)], [1, 0])
+    split = load_dataset(parse_data_config({
+        "source": "parquet", "path": str(tmp_path / "f.parquet"), "heldout_fraction": 0.0,
+        "pair_files": [str(tmp_path / "lfw.bin")]}))
+    assert split.num_classes == 4 and len(split.train) == 12 and len(split.heldout) == 0
+    assert torch.equal(split.train.labels, torch.tensor([2, 0, 3, 1]).repeat_interleave(3))
+    assert [p.name for p in split.pairs] == ["lfw"]
 
 
 @pytest.mark.parametrize("source", ["image_folder", "recordio", "parquet"])

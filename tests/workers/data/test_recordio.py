@@ -219,3 +219,37 @@ def test_vectorised_labels_match_record_by_record(tmp_path) -> None:
     keys = list(range(1, 41))
     slow = [unpack_record(reader.read(k), "k")[0][0] for k in keys]
     assert reader.labels(keys).tolist() == slow == sorted(labels)
+
+
+def test_label_scan_is_cached_next_to_the_set_and_redone_when_it_changes(
+        tmp_path, monkeypatch) -> None:
+    write_recordio(tmp_path, _images(5), [1, 0, 2, 1, 0], (8, 8))
+    first = load_recordio(tmp_path, image_size=8, channels=1)
+    assert (tmp_path / "train.rec.labels.npz").is_file()
+
+    def no_scan(self: RecordIOReader, keys: np.ndarray) -> np.ndarray:
+        raise AssertionError("the label scan ran again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RecordIOReader, "labels", no_scan)
+        assert torch.equal(load_recordio(tmp_path, image_size=8, channels=1).labels,
+                           first.labels)
+    # a rewritten set (other labels, same file names) is scanned again, never served stale
+    write_recordio(tmp_path, _images(6), [3, 3, 0, 1, 2, 2], (8, 8))
+    assert load_recordio(tmp_path, image_size=8, channels=1).labels.tolist() == [
+        0, 1, 2, 2, 3, 3]
+
+
+def test_label_scan_is_cached_under_marginlab_home_when_the_set_folder_refuses_it(
+        tmp_path, monkeypatch) -> None:
+    data, home = tmp_path / "data", tmp_path / "home"
+    write_recordio(data, _images(4), [0, 1, 0, 1], (8, 8))
+    # a folder where the cache file would go: unwritable for it even as root
+    (data / "train.rec.labels.npz").mkdir()
+    monkeypatch.setenv("MARGINLAB_HOME", str(home))
+    labels = load_recordio(data, image_size=8, channels=1).labels
+    cached = list((home / "cache" / "recordio-labels").glob("*.npz"))
+    assert len(cached) == 1 and not list(data.glob(".*partial"))
+    assert labels.tolist() == [0, 0, 1, 1]
+    monkeypatch.setattr(RecordIOReader, "labels", lambda *_: pytest.fail("scanned again"))
+    assert load_recordio(data, image_size=8, channels=1).labels.tolist() == [0, 0, 1, 1]

@@ -7,7 +7,94 @@ import itertools
 import pytest
 import torch
 
-from workers.data import TensorDataset, epoch_batches, split_dataset, split_identities
+from workers.data import (
+    LabelledDataset,
+    TensorDataset,
+    epoch_batches,
+    split_dataset,
+    split_identities,
+)
+from workers.seeding import derive_seed
+
+
+def _reference_split_identities(groups: torch.Tensor, heldout_fraction: float,
+                                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The O(K²) split as it was before issue 14 (one ``==`` scan per group)."""
+    unique = torch.unique(groups)
+    generator = torch.Generator().manual_seed(derive_seed("split", seed))
+    order = unique[torch.randperm(len(unique), generator=generator)]
+    target = max(1, round(heldout_fraction * len(groups)))
+    sizes = torch.stack([(groups == group).sum() for group in order])
+    taken = int(torch.searchsorted(torch.cumsum(sizes, 0), target)) + 1
+    taken = min(taken, len(order) - 1)
+    heldout_mask = torch.isin(groups, order[:taken])
+    identities = torch.arange(len(groups))
+    return identities[~heldout_mask], identities[heldout_mask]
+
+
+def _reference_split_dataset(dataset: TensorDataset, heldout_fraction: float, seed: int,
+                             groups: torch.Tensor | None) -> tuple[LabelledDataset, ...]:
+    """``split_dataset`` as it was before issue 14 (``isin`` + ``searchsorted`` relabelling)."""
+    present = torch.unique(dataset.labels)
+    group_of = present if groups is None else groups[present]
+    sides = []
+    for side in _reference_split_identities(group_of, heldout_fraction, seed):
+        identities = present[side]
+        indices = torch.nonzero(torch.isin(dataset.labels, identities)).flatten()
+        sides.append(dataset.subset(indices, torch.searchsorted(identities,
+                                                                dataset.labels[indices])))
+    return tuple(sides)
+
+
+def _grouped_inputs(case: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Identity labels with gaps (non-contiguous) and, for odd cases, non-contiguous group ids
+    shared by several identities; ``None`` groups for even cases."""
+    generator = torch.Generator().manual_seed(case)
+    num_identities = int(torch.randint(2, 60, (1,), generator=generator))
+    labels = torch.randint(0, 3 * num_identities, (5 * num_identities,), generator=generator)
+    if case % 2 == 0:
+        return labels, None
+    num_groups = int(torch.randint(2, 12, (1,), generator=generator))
+    group_ids = torch.randperm(1000, generator=generator)[:num_groups] * 7 - 50
+    return labels, group_ids[torch.randint(0, num_groups, (3 * num_identities,),
+                                           generator=generator)]
+
+
+FRACTIONS = [0.01, 0.1, 0.2, 0.33, 0.5, 0.77, 0.99]
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_split_identities_equals_the_reference(fraction: float) -> None:
+    for seed in range(25):
+        generator = torch.Generator().manual_seed(seed)
+        num = int(torch.randint(2, 300, (1,), generator=generator))
+        group_count = int(torch.randint(2, num + 1, (1,), generator=generator))
+        cases = [torch.arange(num),  # plain identities
+                 torch.randint(0, group_count, (num,), generator=generator),
+                 torch.randint(-10**6, 10**6, (group_count,), generator=generator)[
+                     torch.randint(0, group_count, (num,), generator=generator)]]
+        for groups in cases:
+            if len(torch.unique(groups)) < 2:
+                continue
+            expected = _reference_split_identities(groups, fraction, seed)
+            actual = split_identities(groups, fraction, seed)
+            assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True)), (
+                seed, groups)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_split_dataset_equals_the_reference(case: int) -> None:
+    labels, groups = _grouped_inputs(case)
+    dataset = TensorDataset(torch.arange(len(labels), dtype=torch.float32).unsqueeze(1), labels)
+    present_groups = groups[torch.unique(labels)] if groups is not None else torch.unique(labels)
+    if len(torch.unique(present_groups)) < 2:
+        pytest.fail("the case generator must give ≥ 2 groups")
+    for fraction, seed in itertools.product(FRACTIONS, range(6)):
+        expected = _reference_split_dataset(dataset, fraction, seed, groups)
+        actual = split_dataset(dataset, fraction, seed, groups)
+        for part, reference in zip(actual, expected, strict=True):
+            assert torch.equal(part.data, reference.data)
+            assert torch.equal(part.labels, reference.labels)
 
 
 @pytest.mark.parametrize(("num_identities", "fraction"), [(2, 0.5), (10, 0.2), (97, 0.3),
@@ -35,10 +122,20 @@ def test_whole_groups_are_held_out() -> None:
         assert len(heldout) >= 6 and len(train) > 0
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1])
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
 def test_bad_fraction(bad: float) -> None:
     with pytest.raises(ValueError, match="heldout_fraction"):
         split_identities(torch.arange(4), bad, 0)
+
+
+def test_zero_fraction_holds_out_nothing() -> None:
+    train, heldout = split_identities(torch.tensor([3, 3, 8]), 0.0, seed=0)
+    assert torch.equal(train, torch.arange(3)) and heldout.numel() == 0
+    labels = torch.tensor([5, 5, 9, 2])
+    train_set, heldout_set = split_dataset(TensorDataset(torch.arange(4.0).unsqueeze(1), labels),
+                                           0.0, seed=0)
+    assert torch.equal(train_set.labels, torch.tensor([1, 1, 2, 0]))
+    assert len(heldout_set) == 0 and heldout_set.data.shape == (0, 1)
 
 
 def test_split_dataset_relabels_each_side() -> None:

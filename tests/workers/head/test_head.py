@@ -31,7 +31,8 @@ def make_head(loss: str = "arcface", **kwargs: Any) -> SampledSoftmaxHead:
     head = SampledSoftmaxHead(DIM, NUM_CLASSES, small_loss(loss), dtype=torch.float64,
                               **{"chunk_size": 4, **kwargs})
     generator = torch.Generator().manual_seed(1)
-    head.load_full_weight(torch.randn(NUM_CLASSES, DIM, generator=generator, dtype=torch.float64))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(NUM_CLASSES, DIM, generator=generator, dtype=torch.float64))
     return head
 
 
@@ -229,17 +230,14 @@ def test_backward_allocates_one_dense_shard_gradient() -> None:
     assert head.weight.grad.layout == torch.strided
 
 
-def test_full_weight_roundtrip_and_initial_rows_independent_of_sharding() -> None:
+def test_initial_rows_independent_of_sharding() -> None:
     head = SampledSoftmaxHead(3, 9000, small_loss("normface"), seed=3)
     full = initial_rows(3, 0, 9000, 3)
-    assert torch.equal(head.full_weight(), full)
+    assert torch.equal(head.weight, full)
     for world_size in (2, 3, 7):
         parts = [initial_rows(3, start, stop, 3)
                  for start, stop in partition_n_into_range(9000, world_size)]
         assert torch.equal(torch.cat(parts), full)
-    replacement = torch.randn(9000, 3)
-    head.load_full_weight(replacement)
-    assert torch.equal(head.full_weight(), replacement)
     assert abs(float(full.std()) - 0.01) < 1e-3
 
 
@@ -271,11 +269,6 @@ def test_constructor_errors(kwargs: dict, match: str) -> None:
 def test_forward_errors(embeddings: torch.Tensor, labels: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_head()(embeddings.double(), labels)
-
-
-def test_load_full_weight_error() -> None:
-    with pytest.raises(ValueError, match=r"^full weight of shape \(3, 6\) != \(11, 6\)$"):
-        make_head().load_full_weight(torch.zeros(3, DIM))
 
 
 def test_no_hard_coded_device_in_workers() -> None:

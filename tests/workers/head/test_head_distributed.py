@@ -95,7 +95,8 @@ def _worker(rank: int, world_size: int, out_dir: Path) -> None:
         head = SampledSoftmaxHead(DIM, NUM_CLASSES, build_case_loss(case.loss), case.sample_ratio,
                                   case.sampling, group, case.chunk_size, seed=SEED,
                                   dtype=torch.float64)
-        head.load_full_weight(weight)
+        with torch.no_grad():
+            head.weight.copy_(weight[head.shard.start : head.shard.stop])
         steps = []
         for step in case.steps:
             head.zero_grad()
@@ -109,9 +110,9 @@ def _worker(rank: int, world_size: int, out_dir: Path) -> None:
                 and torch.equal(y, labels[rows]),
             })
         records[case.name] = {"steps": steps, "shard": (head.shard.start, head.shard.stop)}
-    records["full_weight"] = head.full_weight()
+    records["weight"] = head.weight.detach().clone()
     records["initial_weight"] = SampledSoftmaxHead(DIM, NUM_CLASSES, build_loss("normface"),
-                                                   process_group=group, seed=SEED).full_weight()
+                                                   process_group=group, seed=SEED).weight.detach()
     records["group_used"] = calls
     torch.save(records, out_dir / f"rank{rank}.pt")
 
@@ -206,10 +207,12 @@ def test_explicit_group_used_by_every_collective(distributed: Any, world_size: i
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_full_weight_gathers_and_init_ignores_world_size(distributed: Any,
-                                                         world_size: int) -> None:
-    """``full_weight()`` is the loaded matrix; the initial matrix is the same for any world size."""
+def test_shards_join_to_the_matrix_and_init_ignores_world_size(distributed: Any,
+                                                                world_size: int) -> None:
+    """The shards concatenate to the loaded matrix; the initial matrix is the same for any
+    world size."""
     _, weight, _ = make_data()
-    for rank in distributed(world_size):
-        assert torch.equal(rank["full_weight"], weight)
-        assert torch.equal(rank["initial_weight"], initial_rows(SEED, 0, NUM_CLASSES, DIM))
+    ranks = distributed(world_size)
+    assert torch.equal(torch.cat([rank["weight"] for rank in ranks]), weight)
+    assert torch.equal(torch.cat([rank["initial_weight"] for rank in ranks]),
+                       initial_rows(SEED, 0, NUM_CLASSES, DIM))
