@@ -132,6 +132,27 @@ class SearchSpace:
             _set_dotted(config, key, value)
         return config
 
+    def largest(self, keys: Iterable[str], base: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """``trial_config`` with each of the dotted ``keys`` this space samples at its largest
+        value (the others as ``fixed`` or ``base`` set them): the most of each any of its
+        trials can have."""
+        keys = set(keys)
+        return self.trial_config({p.key: max(p.end_points()) for p in self.params
+                                  if p.key in keys}, base)
+
+    def source_of(self, key: str) -> str | None:
+        """Where this space sets the dotted trial-config ``key``: ``<file>: params.<key>``,
+        ``<file>: fixed.<key>``, or None when it leaves it to the study."""
+        if any(p.key == key for p in self.params):
+            return f"{self.path}: params.{key}"
+        node: Any = self.fixed
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return f"{self.path}: fixed.{key}"
+
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate one space file; raises ``SpaceError`` listing every problem."""

@@ -4,7 +4,12 @@
 Ray starts). Resources: each trial takes ``TRIAL_CPUS`` for its driver function and its Train
 workers ``cpus_per_worker`` each, in their own placement group; concurrency is capped so that
 every admitted trial's workers fit at once (a Train run waits for all its workers), with room
-left for each trial's Ray Data ingest (source shards).
+left for each trial's Ray Data ingest (source shards). Epochs and resources are the trial
+configs' (``StudyOptions.largest_trials``), never a copy of the flags.
+
+Ctrl-C (SIGINT) during ``Tuner.fit()``: Tune stops the trials and saves its state; the study
+is left as ``--resume`` will find it — the parent run KILLED, open child runs KILLED without
+an outcome, Optuna's running trials still RUNNING — and ``StudyInterrupted`` is raised.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -52,7 +59,7 @@ from study.tracking import (
     ChildRunCallback,
     RetryingClient,
 )
-from workers.data import ingest_cpus
+from workers.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +85,44 @@ class StudyResult:
     wall_seconds: float
 
 
+class StudyInterrupted(Exception):
+    """The study was interrupted (SIGINT) and left resumable."""
+
+
+class InterruptWatch(tune.Callback):
+    """Notes a SIGINT during ``Tuner.fit()`` (``received``), then hands it to the handler
+    that was in place — Tune's, which stops the trials, saves the experiment state and
+    returns from ``fit``. ``setup`` runs inside ``fit``, after Tune installed its handler.
+    ``received`` is shared by every copy (a restored Tuner unpickles its own)."""
+
+    received = threading.Event()
+
+    def setup(self, **info: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            InterruptWatch.received.set()
+            if not callable(handler):
+                raise KeyboardInterrupt
+            handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+
+def _without_tune_resume_advice(record: logging.LogRecord) -> bool:
+    """A log filter dropping Tune's "Resume experiment with: Tuner.restore(...)" after an
+    interruption: a study resumes with ``--resume``, the command ``study/run.py`` prints."""
+    return "Tuner.restore(" not in record.getMessage()
+
+
 def concurrency_limit(options: StudyOptions, cluster_cpus: float) -> int:
-    """Trials that fit at once: each needs TRIAL_CPUS + workers × cpus_per_worker + the CPUs
-    its Ray Data ingest may use (``data.ray_data_cpus`` for source shards). The last are not
-    reserved by anyone, only left free: Ray Data's tasks run outside the placement groups."""
-    per_trial = (TRIAL_CPUS + options.num_workers * options.cpus_per_worker
-                 + ingest_cpus(options.base.get("data", {})))
-    return max(1, min(options.max_concurrent, math.floor(cluster_cpus / per_trial + 1e-9)))
+    """Trials that fit at once: each needs up to ``options.trial_cpus`` (its function, its
+    workers and the CPUs its Ray Data ingest may use; the last are not reserved by anyone,
+    only left free: Ray Data's tasks run outside the placement groups)."""
+    return max(1, min(options.max_concurrent,
+                      math.floor(cluster_cpus / options.trial_cpus + 1e-9)))
 
 
 def _versions() -> dict[str, str]:
@@ -106,20 +144,48 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def open_parent_run(options: StudyOptions) -> tuple[str, str]:
-    """The study's parent run: found again on ``--resume``, else created with its params."""
-    client = RetryingClient(options.tracking_uri)
-    experiment = client.call("get_experiment_by_name", options.name)
-    experiment_id = (experiment.experiment_id if experiment is not None
-                     else client.call("create_experiment", options.name))
+def artifact_location(options: StudyOptions) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store
+    (``<store>-artifacts/<name>``), never MLflow's default ``./mlruns`` of the working
+    directory; None for a server (its own artifact handling)."""
+    if not options.tracking_uri.startswith("sqlite:///"):
+        return None
+    store = Path(options.tracking_uri.removeprefix("sqlite:///").partition("?")[0])
+    return (store.with_name(f"{store.stem}-artifacts") / options.name).as_uri()
+
+
+def _parent(client: RetryingClient, name: str) -> tuple[Any, str | None]:
+    """The experiment named ``name`` (or None) and the study's parent run id in it (or None)."""
+    experiment = client.call("get_experiment_by_name", name)
+    runs = [] if experiment is None else client.call(
+        "search_runs", [experiment.experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{name}' and tags.`marginlab.role` = 'parent'")
+    return experiment, runs[0].info.run_id if runs else None
+
+
+def check_new_study(options: StudyOptions) -> None:
+    """A study that is not ``--resume`` has a name MLflow does not hold yet (else a
+    ``ConfigError``: its runs would join the other study's experiment)."""
     if options.resume:
-        runs = client.call("search_runs", [experiment_id],
-                           filter_string=f"tags.`{STUDY_TAG}` = '{options.name}' and "
-                                         "tags.`marginlab.role` = 'parent'")
-        if runs:
-            run_id = runs[0].info.run_id
-            client.call("update_run", run_id, status="RUNNING")
-            return experiment_id, run_id
+        return
+    _, run_id = _parent(RetryingClient(options.tracking_uri), options.name)
+    if run_id is not None:
+        raise ConfigError([f"--name {options.name}: MLflow ({options.tracking_uri}) already "
+                           f"holds a study of that name (parent run {run_id}); pick another "
+                           "--name"])
+
+
+def open_parent_run(options: StudyOptions) -> tuple[str, str]:
+    """The study's parent run: found again on ``--resume``, else created with its params.
+    Creates the study folder first, the mark ``--resume`` looks for."""
+    client = RetryingClient(options.tracking_uri)
+    experiment, run_id = _parent(client, options.name)
+    options.study_dir.mkdir(parents=True, exist_ok=True)
+    experiment_id = (experiment.experiment_id if experiment is not None else client.call(
+        "create_experiment", options.name, artifact_location=artifact_location(options)))
+    if run_id is not None:
+        client.call("update_run", run_id, status="RUNNING")
+        return experiment_id, run_id
     run = client.call("create_run", experiment_id, run_name=f"study-{options.name}",
                       tags={STUDY_TAG: options.name, "marginlab.role": "parent",
                             "marginlab.git_revision": _git_revision()})
@@ -149,14 +215,14 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
         space=SpaceSampler(options.spaces, options.base, grid=options.sampler == "grid"),
         metric=list(OBJECTIVES), mode=list(MODES),
         sampler=build_sampler(options.sampler, options.seed, options.spaces),
-        study_name=options.name, storage=optuna.storages.RDBStorage(options.optuna_url),
-        epochs=options.epochs)
-    scheduler = (ASHAScheduler(metric=ACCURACY, mode="max", max_t=options.epochs,
+        study_name=options.name, storage=optuna.storages.RDBStorage(options.optuna_url))
+    max_epochs = options.max_epochs
+    scheduler = (ASHAScheduler(metric=ACCURACY, mode="max", max_t=max_epochs,
                                grace_period=1, reduction_factor=2)
-                 if options.scheduler == "asha" and options.epochs > 1 else FIFOScheduler())
+                 if options.scheduler == "asha" and max_epochs > 1 else FIFOScheduler())
     callbacks = [ChildRunCallback(options.tracking_uri, experiment_id, parent_run_id,
-                                  options.name, options.epochs),
-                 ProgressTable(options.epochs)]
+                                  options.name),
+                 ProgressTable(), InterruptWatch()]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -173,18 +239,19 @@ def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: 
     """Record trials a killed driver left open, once the (resumed) study has finished.
 
     A trial the driver had started but Tune had not yet saved in its experiment state is not
-    restored by ``--resume``: its MLflow child stays RUNNING and its Optuna trial RUNNING. They
-    become KILLED (tag ``marginlab.outcome = interrupted``) and FAIL, so each started trial
-    appears exactly once, with what happened to it. An Optuna trial asked for just before the
-    kill, whose Tune trial never started (no child run), becomes FAIL with the user attribute
-    ``marginlab.outcome = never_started``. Returns how many child runs were closed.
+    restored by ``--resume``: its MLflow child stays open (no outcome tag) and its Optuna
+    trial RUNNING. They become KILLED (tag ``marginlab.outcome = interrupted``) and FAIL, so
+    each started trial appears exactly once, with what happened to it. An Optuna trial asked
+    for just before the kill, whose Tune trial never started (no child run), becomes FAIL with
+    the user attribute ``marginlab.outcome = never_started``. Returns how many child runs were
+    closed.
     """
     import optuna
 
     client = RetryingClient(options.tracking_uri)
     children = client.call("search_runs", [experiment_id],
                            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
-    open_runs = [run for run in children if run.info.status == "RUNNING"]
+    open_runs = [run for run in children if OUTCOME_TAG not in run.data.tags]
     for run in open_runs:
         client.call("set_tag", run.info.run_id, OUTCOME_TAG, "interrupted")
         client.call("set_terminated", run.info.run_id, "KILLED")
@@ -198,23 +265,49 @@ def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: 
     return len(open_runs)
 
 
+def leave_resumable(options: StudyOptions, experiment_id: str, parent_run_id: str) -> None:
+    """After an interrupted ``fit``: the parent and its open child runs (no outcome yet)
+    KILLED, which ``--resume`` reopens; Optuna is left as it is (its RUNNING trials resume)."""
+    client = RetryingClient(options.tracking_uri)
+    for run in client.call("search_runs", [experiment_id],
+                           filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
+        if OUTCOME_TAG not in run.data.tags and run.info.status == "RUNNING":
+            client.call("set_terminated", run.info.run_id, "KILLED")
+    client.call("set_terminated", parent_run_id, "KILLED")
+
+
 def run_study(options: StudyOptions) -> StudyResult:
-    """Run the study; returns the front and where everything was written."""
+    """Run the study; returns the front and where everything was written. Raises
+    ``ConfigError`` when the cluster cannot run a trial or a new study's name is taken, and
+    ``StudyInterrupted`` (study left resumable) after a SIGINT."""
     import ray
 
     started = time.perf_counter()
     os.environ.update(RAY_ENV)
     os.environ.update(DRIVER_ENV)
     os.environ.update(options.tracking_credentials)
-    options.study_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(options.tracking_uri)
-    experiment_id, parent_run_id = open_parent_run(options)
+    check_new_study(options)
     if not ray.is_initialized():
         ray.init(address=options.ray_address, log_to_driver=False,
                  runtime_env={"env_vars": RAY_ENV})
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    tuner = build_tuner(options, experiment_id, parent_run_id, cluster_cpus)
-    grid = tuner.fit()
+    cluster = ray.cluster_resources()
+    if problems := options.resource_problems(cluster):
+        raise ConfigError(problems)
+    experiment_id, parent_run_id = open_parent_run(options)
+    tuner = build_tuner(options, experiment_id, parent_run_id,
+                        float(cluster.get("CPU", 0.0)))
+    InterruptWatch.received.clear()
+    logging.getLogger("ray.tune.tune").addFilter(_without_tune_resume_advice)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()
+    finally:  # Tune (and InterruptWatch) leave theirs installed: a later Ctrl-C would vanish
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+    if InterruptWatch.received.is_set():
+        leave_resumable(options, experiment_id, parent_run_id)
+        raise StudyInterrupted(options.name)
     interrupted = close_interrupted(options, experiment_id, parent_run_id)
     client = MlflowClient(options.tracking_uri)
     points = completed_points(client, experiment_id, parent_run_id)

@@ -16,13 +16,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
-import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.searcher import ACCURACY, COMPUTE
 from study.tracking import OUTCOME_TAG, SPACE_TAG, TRIAL_ID_TAG
-from workers.config import parse_trial_config
+from workers.config import parse_trial_config, read_yaml
 
 #: extra columns of the front table, when the runs have them
 TABLE_METRICS = ("verification_accuracy_std", "roc_auc", "heldout_intra_compactness",
@@ -134,7 +133,7 @@ def export_configs(client: MlflowClient, front: Sequence[Point], best: Point | N
     with tempfile.TemporaryDirectory() as scratch:
         for name, point in chosen:
             local = Path(client.download_artifacts(point.run_id, "trial.yaml", scratch))
-            config = parse_trial_config(yaml.safe_load(local.read_text()), f"run {point.run_id}")
+            config = parse_trial_config(read_yaml(local, "trial config"), f"run {point.run_id}")
             (directory / name).write_text(config.to_yaml())
             written.append(directory / name)
     return written

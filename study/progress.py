@@ -15,8 +15,7 @@ class ProgressTable(tune.Callback):
 
     HEADER = f"{'trial':<14} {'space':<13} {'epoch':>5} {'accuracy':>9} {'GFLOP/smp':>10}  status"
 
-    def __init__(self, epochs: int, stream: TextIO | None = None) -> None:
-        self.epochs = epochs
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
         self._printed_header = False
 
@@ -43,8 +42,8 @@ class ProgressTable(tune.Callback):
         self._line(trial, result, "diverged" if result.get("diverged") else "running")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, trial.last_result, trial_outcome(trial.last_result, False,
-                                                           self.epochs))
+        self._line(trial, trial.last_result, trial_outcome(
+            trial.last_result, False, trial.config["trial"]["epochs"]))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, trial.last_result, "failed")

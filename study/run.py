@@ -1,36 +1,52 @@
 """Run a study: ``python study/run.py [flags]`` locally, or on a cluster with
 ``ray job submit --working-dir . -- python study/run.py [flags]``.
 
-Every flag, space file, the data source, the tracking URI and the storage path are checked
-before Ray starts; a bad one is one line naming it and what is allowed. Defaults give a small,
-complete study on a fresh machine: embedded local Ray, synthetic identities, a local MLflow
-store (sqlite) and Tune storage under ``~/.marginlab``.
+Every flag, space file, the data (``check_data_config``, the check ``python -m workers.train``
+runs too), the tracking store, the storage and output paths, the study name and every trial's
+resources are checked before Ray starts; a bad one is one line naming the flag or file and
+what is allowed. Defaults give a small, complete study on a fresh machine: embedded local Ray,
+synthetic identities, a local MLflow store (sqlite) and Tune storage under ``~/.marginlab``.
+
+Ctrl-C stops the trials, keeps Tune's state and exits with code 130 and the command that
+resumes the study; nothing is finalised or told to Optuna that the resume would contradict.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import json
 import os
-import socket
+import shlex
+import sqlite3
 import sys
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 if __package__ in (None, ""):  # ``python study/run.py``: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search_spaces import SearchSpace, SpaceError, load_spaces, shipped_space_files, study_grid
-from study.options import SAMPLERS, TRIAL_CPUS, StudyOptions, redact_uri, split_credentials
+from study.options import SAMPLERS, StudyOptions, redact_uri, split_credentials
 from workers.cli import OneLineParser
-from workers.config import ConfigError, parse_trial_config
+from workers.config import ConfigError, parse_trial_config, parse_yaml
 
 HOME = Path(os.environ.get("MARGINLAB_HOME", Path.home() / ".marginlab")).expanduser()
 DEFAULT_SPACES = ("normface", "arcface")
 DATA_SOURCES = ("synthetic", "image_folder", "recordio", "omniglot", "parquet", "shards")
+#: the trial-config fields a flag sets (``--set`` refuses them: one way to give each)
+FLAG_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "seed": "--seed",
+               "resources.num_workers": "--workers",
+               "resources.cpus_per_worker": "--cpus-per-worker",
+               "resources.gpus_per_worker": "--gpus-per-worker", "data.source": "--data",
+               "data.path": "--data-path"}
+#: the longest ``--name``: it names folders, an MLflow experiment and an Optuna study
+NAME_LIMIT = 128
 
 
 class UsageError(ValueError):
@@ -72,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--budget-fraction", type=float, default=0.5,
         help="best-at-budget export: most accurate trial using ≤ this fraction of the "
              "largest head FLOPs (0, 1]")
-    add("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    add("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+        help="Ray cluster address: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, "
+             "else an embedded local Ray)")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="any trial-config field every trial shares, dotted (repeatable), e.g. "
              "--set model.width=16 --set data.num_identities=200 --set optim.optimizer=adamw")
@@ -108,8 +125,10 @@ def _check_ranges(args: argparse.Namespace) -> list[str]:
     for flag, value, ok, allowed in checks:
         if not ok:
             errors.append(f"{flag} = {value!r} must be {allowed}")
-    if args.name is not None and not args.name.replace("-", "_").isidentifier():
-        errors.append(f"--name = {args.name!r} must use letters, digits, '-' and '_' only")
+    if args.name is not None and (problem := _check_name(args.name)) is not None:
+        errors.append(problem)
+    if (problem := _check_ray_address(args.ray_address)) is not None:
+        errors.append(problem)
     if args.data in ("image_folder", "recordio", "parquet", "shards") and args.data_path is None:
         errors.append(f"--data-path is required by --data {args.data} (its file or folder)")
     elif args.data == "synthetic" and args.data_path is not None:
@@ -119,48 +138,125 @@ def _check_ranges(args: argparse.Namespace) -> list[str]:
     return errors
 
 
-def _check_fits(args: argparse.Namespace, data_cpus: float) -> list[str]:
-    """One trial fits on this machine (no ``--ray-address``): its function, its workers and
-    ``data_cpus`` for its Ray Data ingest (source shards)."""
-    if args.ray_address is not None or args.concurrent < 1 or args.workers < 1:
-        return []
-    cpus = os.cpu_count() or 1
-    needed = TRIAL_CPUS + args.workers * args.cpus_per_worker + data_cpus
-    if needed <= cpus + 1e-9:
-        return []
-    data = f" + data.ray_data_cpus = {data_cpus:g}" if data_cpus else ""
-    return [f"--workers = {args.workers} × --cpus-per-worker = {args.cpus_per_worker} "
-            f"(+ {TRIAL_CPUS} per trial{data}) needs {needed:g} CPUs; this machine has {cpus}"]
+def _check_name(name: str) -> str | None:
+    if not name.replace("-", "_").isidentifier():
+        return f"--name = {name!r} must use letters, digits, '-' and '_' only"
+    if len(name) > NAME_LIMIT:
+        return f"--name = {name[:20]!r}… has {len(name)} characters; at most {NAME_LIMIT}"
+    return None
+
+
+def _check_ray_address(address: str | None) -> str | None:
+    """None or ``local`` (an embedded local Ray), ``auto``, ``HOST:PORT`` or
+    ``ray://HOST:PORT``."""
+    if address in (None, "local", "auto"):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(f"//{address.removeprefix('ray://')}")
+        valid = bool(parts.hostname) and parts.port is not None and parts.port > 0 \
+            and not parts.path and not parts.query
+    except ValueError:
+        valid = False
+    if valid:
+        return None
+    return (f"--ray-address = {address!r} must be auto, HOST:PORT or ray://HOST:PORT (unset for "
+            "an embedded local Ray)")
 
 
 def _check_tracking_uri(uri: str) -> str | None:
     if uri.startswith(("http://", "https://")):
-        return _check_reachable(uri)
+        return _check_server(uri)
     if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_absolute():
-            return f"--tracking-uri = {uri!r} must name an absolute path (sqlite:////abs/x.db)"
-        return _check_writable(path.parent, "--tracking-uri")
-    return (f"--tracking-uri = {uri!r} must be sqlite:///ABSOLUTE/PATH.db or "
+        return _check_sqlite(uri)
+    return (f"--tracking-uri = {redact_uri(uri)!r} must be sqlite:///ABSOLUTE/PATH.db or "
             "http(s)://HOST:PORT (MLflow's ./mlruns file store is refused by MLflow 3)")
 
 
-def _check_reachable(uri: str, timeout: float = 5.0) -> str | None:
-    """An MLflow server answers at ``uri`` (any HTTP status counts: auth may be on)."""
-    url = urllib.parse.urlsplit(uri)
-    if not url.hostname:
-        return f"--tracking-uri = {redact_uri(uri)!r} has no host (http(s)://HOST:PORT)"
+def _check_sqlite(uri: str) -> str | None:
+    """An absolute path to a sqlite MLflow store, or to a new file in a writable folder."""
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    if not path.is_absolute():
+        return f"--tracking-uri = {uri!r} must name an absolute path (sqlite:////abs/x.db)"
+    if path.is_dir():
+        return f"--tracking-uri = {uri!r} names a folder, not a sqlite database file"
+    if path.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(
+                    f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True,
+                    timeout=5)) as connection:
+                tables = {row[0] for row in connection.execute(
+                    "select name from sqlite_master where type = 'table'")}
+        except sqlite3.Error as error:
+            return f"--tracking-uri: {path} is not a sqlite database ({error})"
+        if tables and "experiments" not in tables:
+            return (f"--tracking-uri: {path} is a sqlite database but not an MLflow store (no "
+                    "'experiments' table)")
+    return _check_writable(path.parent, "--tracking-uri")
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> str | None:
+    """An MLflow server answers MLflow's REST API at ``uri``: one GET of
+    ``experiments/get-by-name`` answers JSON (an experiment or an MLflow error code) within
+    ``timeout`` s, with the URI's or the environment's credentials."""
+    shown = redact_uri(uri)
     try:
-        port = url.port or {"http": 80, "https": 443}[url.scheme]
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return None
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        return (f"--tracking-uri = {redact_uri(uri)!r} is unreachable ({reason}); start the "
-                "MLflow server or fix the URI")
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018  (raises ValueError for a malformed port)
+        clean, credentials = split_credentials(uri)
+    except ValueError as error:
+        return f"--tracking-uri = {shown!r} is not a valid URL ({error})"
+    if not parts.hostname:
+        return f"--tracking-uri = {shown!r} has no host (http(s)://HOST:PORT)"
+    request = urllib.request.Request(
+        f"{clean.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    user = credentials.get("MLFLOW_TRACKING_USERNAME",
+                           os.environ.get("MLFLOW_TRACKING_USERNAME"))
+    if user is not None:
+        password = credentials.get("MLFLOW_TRACKING_PASSWORD",
+                                   os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+        return (f"--tracking-uri = {shown!r} is unreachable ({reason}); start the MLflow "
+                "server or fix the URI")
+    if status in (401, 403):
+        return (f"--tracking-uri = {shown!r}: the MLflow server refused access (HTTP {status}); "
+                "give user:password@ in the URI or MLFLOW_TRACKING_USERNAME/PASSWORD")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and ("experiment" in answer or "error_code" in answer):
+        return None
+    return (f"--tracking-uri = {shown!r} answers, but not as an MLflow server (GET "
+            f"/api/2.0/mlflow/experiments/get-by-name: HTTP {status}); check the host and port")
+
+
+def _check_study(storage: Path, name: str | None, resume: bool) -> str | None:
+    """``--resume`` names a study that exists under ``storage``; a new one does not (a bad
+    ``--name`` is reported by ``_check_name``)."""
+    if name is None or _check_name(name) is not None:
+        return None
+    if resume and not (storage / name).is_dir():
+        return (f"--resume --name {name}: there is no study {name!r} under --storage {storage} "
+                "(drop --resume to start it)")
+    if not resume and (storage / name).exists():
+        return (f"--name {name}: a study of that name exists under --storage {storage}; add "
+                "--resume to continue it, or pick another --name")
+    return None
 
 
 def _check_writable(directory: Path, flag: str) -> str | None:
+    if directory.exists() and not directory.is_dir():
+        return f"{flag}: {directory} is a file, not a folder"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".marginlab-write-test-{os.getpid()}"
@@ -181,8 +277,10 @@ def _check_grid(trials: int, spaces: tuple[SearchSpace, ...]) -> list[str]:
             f"over {names} (--trials {size} runs every point once)"]
 
 
-def _apply_overrides(base: dict[str, Any], assignments: list[str]) -> list[str]:
-    """``--set a.b=value`` into ``base`` (values parsed as YAML scalars)."""
+def _apply_overrides(base: dict[str, Any], assignments: list[str],
+                     flags: dict[str, str]) -> list[str]:
+    """``--set a.b=value`` into ``base`` (values read as YAML, as config files are), and into
+    ``flags`` the label errors about ``a.b`` use; a field a flag sets is refused."""
     errors = []
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -190,6 +288,18 @@ def _apply_overrides(base: dict[str, Any], assignments: list[str]) -> list[str]:
             errors.append(f"--set {assignment!r} must be KEY=VALUE with a dotted trial-config "
                           "key outside loss.* (losses come from the space files)")
             continue
+        owned = [flag for field, flag in FLAG_FIELDS.items()
+                 if field == key or field.startswith(f"{key}.")]
+        if owned:
+            errors.append(f"--set {assignment!r}: {key} is set by {', '.join(owned)}; use "
+                          f"{'that flag' if len(owned) == 1 else 'those flags'}")
+            continue
+        try:
+            value = parse_yaml(text, f"--set {assignment!r}")
+        except ConfigError as error:
+            errors += error.lines
+            continue
+        flags[key] = f"--set {key}"
         node = base
         *parents, leaf = key.split(".")
         for part in parents:
@@ -198,7 +308,7 @@ def _apply_overrides(base: dict[str, Any], assignments: list[str]) -> list[str]:
                 errors.append(f"--set {assignment!r}: {part} is not a section")
                 break
         else:
-            node[leaf] = yaml.safe_load(text)
+            node[leaf] = value
     return errors
 
 
@@ -215,7 +325,11 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
     storage = Path(args.storage).expanduser()
     if not storage.is_absolute():
         errors.append(f"--storage = {args.storage!r} must be an absolute path")
-    elif (problem := _check_writable(storage, "--storage")) is not None:
+    elif (problem := _check_writable(storage, "--storage")
+          or _check_study(storage, args.name, args.resume)) is not None:
+        errors.append(problem)
+    if args.output is not None and (problem := _check_writable(
+            Path(args.output).expanduser().resolve(), "--output")) is not None:
         errors.append(problem)
     if (problem := _check_tracking_uri(args.tracking_uri)) is not None:
         errors.append(problem)
@@ -230,38 +344,77 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
             "data": _data_config(args),
             "resources": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
                           "gpus_per_worker": args.gpus_per_worker}}
-    errors += _apply_overrides(base, args.set)
-    data_cpus = 0.0
+    flags = dict(FLAG_FIELDS)
+    errors += _apply_overrides(base, args.set, flags)
     if not errors:
         try:
-            parse_trial_config(base, "flags")
-            from workers.data import check_data_config, ingest_cpus
-
-            check_data_config(base["data"])
-            data_cpus = ingest_cpus(base["data"])
-        except (ConfigError, ValueError, FileNotFoundError) as error:
-            errors += str(error).splitlines()
-    errors += _check_fits(args, data_cpus)
+            parse_trial_config(base, "command line", flags)
+        except ConfigError as error:
+            errors += error.lines
     if errors:
         raise UsageError("\n".join(errors))
     name = args.name or time.strftime("study-%Y%m%d-%H%M%S")
     tracking_uri, credentials = split_credentials(args.tracking_uri)
     output = Path(args.output).expanduser().resolve() if args.output else storage / name / \
         "artifacts"
-    return StudyOptions(
+    options = StudyOptions(
         name=name, spaces=spaces, base=base, num_trials=args.trials,
-        max_concurrent=args.concurrent, epochs=args.epochs, num_workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker, sampler=args.sampler, seed=args.seed,
+        max_concurrent=args.concurrent, sampler=args.sampler, seed=args.seed,
         scheduler=args.scheduler, tracking_uri=tracking_uri, storage_path=storage,
         output=output, budget_fraction=args.budget_fraction, resume=args.resume,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, flags=flags,
         cli_args={**{k: v for k, v in vars(args).items() if k != "ray_address"},
                   "tracking_uri": tracking_uri},
         tracking_credentials=credentials)
+    if problems := _check_trials(options):
+        raise UsageError("\n".join(problems))
+    return options
+
+
+def _check_trials(options: StudyOptions) -> list[str]:
+    """Every space's trials: valid with the study's flags, their data (``check_data_config``,
+    once per distinct data section) and, on an embedded local Ray, their resources."""
+    from workers.data import check_data_config
+
+    try:
+        trials = options.largest_trials
+    except ConfigError as error:
+        return error.lines
+    errors: list[str] = []
+    for data in {json.dumps(trial.data, sort_keys=True): trial.data for trial in trials}.values():
+        try:
+            check_data_config(data)
+        except (ValueError, FileNotFoundError) as error:
+            errors += [line for line in str(error).splitlines() if line not in errors]
+    if not errors and options.ray_address in (None, "local"):
+        import torch
+
+        errors += options.resource_problems({"CPU": float(os.cpu_count() or 1),
+                                             "GPU": float(torch.cuda.device_count())})
+    return errors
+
+
+def resume_command(argv: list[str], name: str) -> str:
+    """The command line that resumes study ``name``: ``argv`` without ``--name`` and
+    ``--resume``, then ``--resume --name NAME`` (a tracking URI's password as ``***``)."""
+    kept: list[str] = []
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg == "--name":
+            next(arguments, None)
+        elif arg == "--tracking-uri":
+            kept += [arg, redact_uri(next(arguments, ""))]
+        elif arg.startswith("--tracking-uri="):
+            kept.append(f"--tracking-uri={redact_uri(arg.partition('=')[2])}")
+        elif arg != "--resume" and not arg.startswith("--name="):
+            kept.append(arg)
+    return shlex.join(["python", "study/run.py", *kept, "--resume", "--name", name])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Validate, run, summarise; the exit code is 2 for bad input."""
+    """Validate, run, summarise; the exit code is 2 for bad input and 130 for an interrupted
+    study (the last line says how to resume it)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         options = options_from_args(args)
@@ -269,11 +422,21 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    from study.driver import run_study
+    from study.driver import StudyInterrupted, run_study
 
     print(f"study {options.name}: {options.num_trials} trials over "
           f"{', '.join(s.name for s in options.spaces)}; MLflow {options.tracking_uri}")
-    result = run_study(options)
+    try:
+        result = run_study(options)
+    except ConfigError as error:  # found once connected: the cluster, the MLflow store
+        for line in error.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except (StudyInterrupted, KeyboardInterrupt):
+        hint = (f"resume it with: {resume_command(argv, options.name)}"
+                if options.study_dir.is_dir() else "it had not started; nothing to resume")
+        print(f"error: study {options.name} interrupted; {hint}", file=sys.stderr)
+        return 130
     print(f"\nstudy {options.name} finished in {result.wall_seconds:.0f} s, "
           f"{result.trials} trials; MLflow parent run {result.parent_run_id}")
     print("Pareto front (accuracy ↑, head FLOPs/sample ↓):")

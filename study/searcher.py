@@ -102,22 +102,26 @@ TUNE_TRIAL_ATTR = "tune_trial_id"
 
 
 class StudySearch(OptunaSearch):
-    """``OptunaSearch`` that records divergence as FAIL and early stops as PRUNED, and tags
-    each Optuna trial with its Tune trial id (``TUNE_TRIAL_ATTR``)."""
+    """``OptunaSearch`` that records divergence as FAIL and early stops as PRUNED (before the
+    epochs of the trial's own config), and tags each Optuna trial with its Tune trial id
+    (``TUNE_TRIAL_ATTR``)."""
 
-    def __init__(self, *args: Any, epochs: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.epochs = epochs
+        #: each trial's epochs, from the trial config it was given (saved with the searcher)
+        self.epochs: dict[str, int] = {}
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        if isinstance(config, dict):
+            self.epochs[trial_id] = config["trial"]["epochs"]
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        outcome = trial_outcome(result, error, self.epochs)
+        outcome = trial_outcome(result, error, self.epochs[trial_id])
         if outcome == "complete":
             super().on_trial_complete(trial_id, result, error)
             return

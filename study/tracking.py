@@ -126,9 +126,9 @@ class ChildRunCallback(tune.Callback):
     """Tune callback (driver process): one MLflow child run per trial, never two."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 study_name: str, epochs: int) -> None:
+                 study_name: str) -> None:
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
-        self.parent_run_id, self.study_name, self.epochs = parent_run_id, study_name, epochs
+        self.parent_run_id, self.study_name = parent_run_id, study_name
         self._client: RetryingClient | None = None
         self.run_ids: dict[str, str] = {}
         #: the last epoch logged per trial: a restarted trial's repeated results are skipped
@@ -191,7 +191,8 @@ class ChildRunCallback(tune.Callback):
         self.client.write("log_batch", run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, trial_outcome(trial.last_result, False, self.epochs))
+        self._finish(trial, trial_outcome(trial.last_result, False,
+                                          trial.config["trial"]["epochs"]))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "failed")

@@ -8,7 +8,9 @@ the value and the allowed range, e.g.
 
 from __future__ import annotations
 
+import re
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,6 +71,8 @@ class HeadSpec(_Strict):
     #: classes per chunk of the log-sum-exp; None = auto (a fixed logit budget per chunk)
     chunk_size: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
     unsampled_rows: Literal["dense", "frozen", "sparse"] = "dense"
+    #: Partial FC's inter-class filter τ: negatives with cos θ_j > τ count as cos θ_j = 0 (0: off)
+    filter_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
 class ModelSpec(_Strict):
@@ -163,6 +167,9 @@ class TrialConfig(_Strict):
         if self.batch_size // accumulation < 2:
             raise ValueError(f"batch_size / optim.grad_accumulation = "
                              f"{self.batch_size // accumulation} must be ≥ 2 (BatchNorm)")
+        if self.head.filter_threshold > 0 and not self.loss.build().cosine_logits:
+            raise ValueError(f"head.filter_threshold = {self.head.filter_threshold} needs a loss "
+                             f"with cosine logits; {self.loss.name} does not normalise both")
         return self
 
     def to_yaml(self) -> str:
@@ -170,9 +177,11 @@ class TrialConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def parse_trial_config(data: Any, source: str = "trial config") -> TrialConfig:
+def parse_trial_config(data: Any, source: str = "trial config",
+                       flags: Mapping[str, str] | None = None) -> TrialConfig:
     """Validate a mapping (its ``data`` section against ``DataConfig`` too); every problem
-    becomes one line of a ``ConfigError``."""
+    becomes one line of a ``ConfigError``. ``flags`` maps dotted fields (or sections) to the
+    command-line flag that set them: a problem there names the flag instead of ``source``."""
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: must be a mapping of fields, got {type(data).__name__}"])
     lines = []
@@ -180,25 +189,68 @@ def parse_trial_config(data: Any, source: str = "trial config") -> TrialConfig:
         try:
             DataConfig.model_validate(data["data"])
         except ValidationError as error:
-            lines = format_validation_error(error, DataConfig, source, prefix="data")
+            lines = format_validation_error(error, DataConfig, source, "data", flags)
     try:
         config = TrialConfig.model_validate(data)
     except ValidationError as error:
-        lines = format_validation_error(error, TrialConfig, source) + lines
+        lines = format_validation_error(error, TrialConfig, source, flags=flags) + lines
     if lines:
         raise ConfigError(lines)
     return config
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        self.key, self.line = key, line
+        super().__init__(f"duplicate key {key!r}")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter and closer to YAML 1.2: a duplicate key is an error (not
+    last-wins) and ``1e-3`` / ``5E+2`` are floats (YAML 1.1 wants ``1.0e-3``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` parsed by the one YAML reader of configs, spaces and ``--set`` values; a
+    problem is a one-line ``ConfigError`` naming ``source`` (and the line)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except _DuplicateKey as error:
+        raise ConfigError([f"{source}:{error.line}: duplicate key {error.key!r} (each key "
+                           "may appear once per mapping)"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{source}: not valid YAML ({str(error).splitlines()[0]})"]) \
+            from None
+
+
 def read_yaml(path: str | Path, kind: str) -> Any:
-    """The parsed content of a YAML file; a missing or unparsable one is a ``ConfigError``."""
+    """The parsed content of a UTF-8 YAML file (``parse_yaml``); a missing, undecodable or
+    unparsable one is a one-line ``ConfigError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: no such {kind}"])
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError([f"{path}: not valid YAML ({str(error).splitlines()[0]})"]) from None
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read {kind} ({error.strerror})"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+                           f"at offset {error.start}); save the {kind} as UTF-8"]) from None
+    return parse_yaml(text, str(path))
 
 
 def load_trial_config(path: str | Path) -> TrialConfig:
@@ -207,29 +259,43 @@ def load_trial_config(path: str | Path) -> TrialConfig:
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel],
-                            source: str, prefix: str = "") -> list[str]:
+                            source: str, prefix: str = "",
+                            flags: Mapping[str, str] | None = None) -> list[str]:
     """One line per pydantic error: ``source: field = value <what is allowed>`` (field names
-    after ``prefix.`` when ``model`` is a section)."""
+    after ``prefix.`` when ``model`` is a section); a field a flag set (``flags``, see
+    ``parse_trial_config``) reads ``--flag = value <what is allowed>``."""
     lines = []
     for item in error.errors():
         location = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        subject = flag_subject(location, source, flags or {})
         field = _field_info(model, item["loc"])
         value = item.get("input")
         if item["type"] == "extra_forbidden":
             parent = _model_at(model, item["loc"][:-1])
             allowed = sorted(parent.model_fields) if parent else []
-            lines.append(f"{source}: {location} is not a known field; allowed: {allowed}")
+            lines.append(f"{subject} is not a known field; allowed: {allowed}")
         elif item["type"] == "missing":
-            lines.append(f"{source}: {location} is required")
+            lines.append(f"{subject} is required")
         elif field is not None and item["type"] != "value_error" and (allowed := _allowed(field)):
-            lines.append(f"{source}: {location} = {value!r} {allowed}")
+            lines.append(f"{subject} = {value!r} {allowed}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            where = location or "config"
+            where = subject if location else f"{source}: config"
             if not isinstance(value, dict | list):
                 where = f"{where} = {value!r}"
-            lines.append(f"{source}: {where}: {message}")
+            lines.append(f"{where}: {message}")
     return lines
+
+
+def flag_subject(location: str, source: str, flags: Mapping[str, str]) -> str:
+    """How an error names the dotted field ``location``: the flag that set it (``--epochs``),
+    ``--set a: a.b`` when a flag set a section above it, else ``source: location``."""
+    if location in flags:
+        return flags[location]
+    parents = [key for key in flags if location.startswith(f"{key}.")]
+    if parents:
+        return f"{flags[max(parents, key=len)]}: {location}"
+    return f"{source}: {location}"
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +36,35 @@ CENTRES_DIR = "class_centres"
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-def check_resources(trial: TrialConfig, available: dict[str, float], source: str = "") -> None:
-    """Fail with one line naming the field (after ``source: ``, when given) when the trial
-    cannot be scheduled at all."""
+def check_resources(trial: TrialConfig, available: Mapping[str, float], source: str = "",
+                    names: Mapping[str, str] | None = None, trial_cpus: float = 0.0) -> None:
+    """Fail with one line when ``trial`` cannot be scheduled on ``available`` (Ray's resource
+    names: ``CPU``, ``GPU``) at all: its workers, its Ray Data ingest (source shards) and
+    ``trial_cpus`` of its own. The line starts with ``source: `` when given and names each
+    field as ``names`` spells it (the flag that set it), else by its dotted name."""
     resources, where = trial.resources, f"{source}: " if source else ""
+    label = {key: (names or {}).get(key, key) for key in (
+        "resources.num_workers", "resources.cpus_per_worker", "resources.gpus_per_worker",
+        "resources.precision", "data.ray_data_cpus")}
+    workers = f"{label['resources.num_workers']} = {resources.num_workers}"
     ingest = ingest_cpus(trial.data)  # Ray Data's decoding CPUs (source shards)
-    cpus = resources.num_workers * resources.cpus_per_worker + ingest
+    cpus = resources.num_workers * resources.cpus_per_worker + ingest + trial_cpus
     if cpus > available.get("CPU", 0.0) + 1e-9:
-        plus = f" + data.ray_data_cpus = {ingest:g}" if ingest else ""
+        plus = f" + {label['data.ray_data_cpus']} = {ingest:g}" if ingest else ""
+        plus += f" + {trial_cpus:g} per trial" if trial_cpus else ""
         raise ConfigError([
-            f"{where}resources.num_workers = {resources.num_workers} × "
-            f"resources.cpus_per_worker = {resources.cpus_per_worker}{plus} needs {cpus:g} "
-            f"CPUs; the cluster has {available.get('CPU', 0.0):g}"])
+            f"{where}{workers} × {label['resources.cpus_per_worker']} = "
+            f"{resources.cpus_per_worker}{plus} needs {cpus:g} CPUs; the cluster has "
+            f"{available.get('CPU', 0.0):g}"])
     gpus = resources.num_workers * resources.gpus_per_worker
     if gpus > available.get("GPU", 0.0) + 1e-9:
         raise ConfigError([
-            f"{where}resources.gpus_per_worker = {resources.gpus_per_worker} × "
-            f"{resources.num_workers} workers needs {gpus:g} GPUs; the cluster has "
-            f"{available.get('GPU', 0.0):g}"])
+            f"{where}{label['resources.gpus_per_worker']} = {resources.gpus_per_worker} × "
+            f"{workers} needs {gpus:g} GPUs; the cluster has {available.get('GPU', 0.0):g}"])
     if resources.precision == "fp16" and resources.gpus_per_worker == 0:
-        raise ConfigError([f"{where}resources.precision = 'fp16' needs GPUs "
-                           "(gpus_per_worker > 0); use 'bf16' or 'fp32' on CPU"])
+        raise ConfigError([f"{where}{label['resources.precision']} = 'fp16' needs GPUs "
+                           f"({label['resources.gpus_per_worker']} > 0); use 'bf16' or 'fp32' "
+                           "on CPU"])
 
 
 def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
@@ -115,15 +124,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _with_overrides(trial: TrialConfig, args: argparse.Namespace, source: str) -> TrialConfig:
-    data = trial.model_dump(mode="json")
-    if args.workers is not None:
-        data["resources"]["num_workers"] = args.workers
-    if args.gpus_per_worker is not None:
-        data["resources"]["gpus_per_worker"] = args.gpus_per_worker
-    if args.epochs is not None:
-        data["epochs"] = args.epochs
-    return parse_trial_config(data, source)
+#: the trial-config field each override flag sets
+_OVERRIDES = {"workers": "resources.num_workers", "gpus_per_worker": "resources.gpus_per_worker",
+              "epochs": "epochs"}
+
+
+def _with_overrides(trial: TrialConfig, args: argparse.Namespace,
+                    source: str) -> tuple[TrialConfig, dict[str, str]]:
+    """``trial`` with the flags' overrides, and the flag naming each overridden field."""
+    data, flags = trial.model_dump(mode="json"), {}
+    for name, field in _OVERRIDES.items():
+        if (value := getattr(args, name)) is not None:
+            *sections, leaf = field.split(".")
+            node = data
+            for section in sections:
+                node = node[section]
+            node[leaf] = value
+            flags[field] = f"--{name.replace('_', '-')}"
+    return parse_trial_config(data, source, flags), flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,21 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     output = Path(args.output).resolve()
     try:
-        trial = _with_overrides(load_trial_config(args.config), args, args.config)
-        from workers.data import load_dataset, parse_data_config
+        trial, flags = _with_overrides(load_trial_config(args.config), args, args.config)
+        from workers.data import check_data_config, load_dataset
 
-        data = load_dataset(parse_data_config(trial.data))  # data errors surface before Ray
+        config = check_data_config(trial.data)  # the study's pre-flight check, before Ray
         if not os.environ.get("RAY_ADDRESS"):  # the local Ray gets this machine's CPUs/GPUs
             check_resources(trial, {"CPU": float(os.cpu_count() or 1),
-                                    "GPU": float(torch.cuda.device_count())}, args.config)
+                                    "GPU": float(torch.cuda.device_count())}, args.config,
+                            flags)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
     resume_from = Path(args.resume_from).resolve() if args.resume_from else None
     if resume_from is not None:
-        try:
-            check_checkpoint(resume_from, data.num_classes, trial.model.embedding_dim)
+        try:  # the checkpoint's head must match the data's classes (the index is loaded)
+            check_checkpoint(resume_from, load_dataset(config).num_classes,
+                             trial.model.embedding_dim)
         except ValueError as error:
             print(f"error: --resume-from: {error}", file=sys.stderr)
             return 2
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
                  runtime_env={"env_vars": HEALTH_CHECK_ENV})
     try:
-        check_resources(trial, ray.cluster_resources(), args.config)
+        check_resources(trial, ray.cluster_resources(), args.config, flags)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

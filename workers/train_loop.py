@@ -159,7 +159,7 @@ def build_runtime(trial: TrialConfig, rank: int, world_size: int, device: torch.
         trial.model.embedding_dim, data.num_classes, trial.loss.build(),
         sample_ratio=trial.head.sample_ratio, sampling=trial.head.sampling,
         process_group=group, chunk_size=trial.head.chunk_size, seed=trial.seed,
-        unsampled_rows=trial.head.unsampled_rows,
+        unsampled_rows=trial.head.unsampled_rows, filter_threshold=trial.head.filter_threshold,
     ).to(device)
     optimizer = _build_optimizer(trial, backbone, head)
     head.attach_optimizer(optimizer)
@@ -292,9 +292,11 @@ def _clip_gradients(runtime: Runtime, max_norm: float | None) -> float:
     float64 scalar, one all-reduce of it. A sparse head gradient is coalesced in place and
     its values count. Returns ‖g‖ before clipping (inf/nan when diverging).
     """
-    backbone = [p.grad for p in runtime.model.parameters() if p.grad is not None]
+    # the loss state's parameters are replicated like the backbone's: counted once
+    replicated = [*runtime.model.parameters(), *runtime.head.replicated_parameters()]
+    backbone = [p.grad for p in replicated if p.grad is not None]
     shard = []
-    for parameter in runtime.head.parameters():
+    for parameter in [runtime.head.weight]:
         if parameter.grad is not None and parameter.grad.is_sparse:
             parameter.grad = parameter.grad.coalesce()
         if parameter.grad is not None:
@@ -337,8 +339,8 @@ def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
         "intra_positive_logit": float(totals[1]) / samples,
         "inter_negative_lse": float(totals[2]) / samples,
         "sampled_classes": sampled_classes,
-        "head_flops_per_sample": head_flops_per_sample(trial.model.embedding_dim,
-                                                       sampled_classes),
+        "head_flops_per_sample": head_flops_per_sample(  # K sub-centres: K·D per class
+            trial.model.embedding_dim * runtime.head.subcenters, sampled_classes),
         "head_bytes_per_step": head_bytes_per_step(
             runtime.world_size, round(global_micro_batch), trial.model.embedding_dim,
             element_bytes) * trial.optim.grad_accumulation,
@@ -349,6 +351,8 @@ def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
         "epoch_train_seconds": elapsed,
         "grad_norm": float(totals[5]) / runtime.world_size / max(1, steps),
         "lr": float(runtime.optimizer.param_groups[0]["lr"]),
+        # the loss's state (CurricularFace t, AdaFace mu/sigma, UniFace bias): same on every rank
+        **{f"loss_state_{k}": v for k, v in runtime.head.loss_state_values().items()},
     }
 
 
@@ -369,7 +373,7 @@ def evaluate(runtime: Runtime) -> dict[str, float]:
         runtime.backbone, runtime.data.heldout, runtime.data.pairs, shard,
         num_pairs=evaluation.num_pairs, batch_size=evaluation.batch_size,
         device=runtime.device, flip=evaluation.flip, seed=trial.seed))
-    centres = class_centre_statistics(runtime.head.weight,
+    centres = class_centre_statistics(runtime.head.class_centres(),
                                       seed=derive_seed("centre-pairs", trial.seed), shard=shard)
     metrics.update({f"centre_{k}": v for k, v in centres.items()})
     metrics["eval_seconds"] = time.perf_counter() - started

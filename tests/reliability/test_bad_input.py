@@ -10,10 +10,15 @@ path is a folder where a file is expected, a path under a regular file or a corr
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import io
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -22,12 +27,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import annotated_types
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
+from PIL import Image
 from pydantic import BaseModel
 
 from search_spaces import SpaceError, load_space
 from study import run as study_run
+from tests.services import free_port
 from workers import train as workers_train
 from workers.config import ConfigError, TrialConfig, field_constraints, parse_trial_config
 from workers.data import DataConfig, write_recordio
@@ -309,9 +320,9 @@ def _export_cases() -> list[Case]:
         _export("negative-workers-field",
                 {**exported, "resources": {"num_workers": -1}}, file,
                 "resources.num_workers = -1", "[1, 4096]"),
-        _export("negative-workers-flag", exported, file, "resources.num_workers = -1",
-                "[1, 4096]", flags=("--workers", "-1")),
-        _export("epochs-flag", exported, file, "epochs = 0", "[1, 100000]",
+        _export("negative-workers-flag", exported, "error: --workers = -1", "[1, 4096]",
+                flags=("--workers", "-1")),
+        _export("epochs-flag", exported, "error: --epochs = 0", "[1, 100000]",
                 flags=("--epochs", "0")),
         _export("more-workers-than-cpus",
                 {**exported, "data": _SMALL_DATA,
@@ -396,7 +407,7 @@ def _cli_cases() -> list[Case]:
                   _cli(f"{flag}-type", [flag, "x"], flag, "'x'"),
                   _cli(f"{flag}-nan", [flag, "nan"], f"{flag} = nan", allowed)
                   if flag != "--gpus-per-worker" else
-                  _cli(f"{flag}-inf", [flag, "inf"], "resources.gpus_per_worker = inf", "16")]
+                  _cli(f"{flag}-inf", [flag, "inf"], "error: --gpus-per-worker = inf", "16")]
     for flag, good in _CHOICE_FLAGS.items():
         cases.append(_cli(f"{flag}-unknown", [flag, "bogus"], f"{flag} = 'bogus'", good))
     cpus = os.cpu_count() or 1
@@ -405,7 +416,7 @@ def _cli_cases() -> list[Case]:
         _cli("--budget-fraction-above", ["--budget-fraction", "1.5"], "--budget-fraction = 1.5",
              "(0, 1]"),
         _cli("more-workers-than-cpus", ["--workers", str(4 * cpus), "--cpus-per-worker", "1"],
-             f"--workers = {4 * cpus}", "--cpus-per-worker", f"this machine has {cpus}"),
+             f"--workers = {4 * cpus}", "--cpus-per-worker", f"the cluster has {cpus}"),
         _cli("--name", ["--name", "a b"], "--name = 'a b'", "letters, digits"),
         _cli("--resume-without-name", ["--resume"], "--resume", "--name"),
         _cli("unknown-flag", ["--bogus"], "--bogus", "known flags", "--trials"),
@@ -427,18 +438,18 @@ def _cli_cases() -> list[Case]:
         _cli("--set-no-equals", ["--set", "model.width"], "--set 'model.width'", "KEY=VALUE"),
         _cli("--set-loss", ["--set", "loss.margin=0.3"], "--set 'loss.margin=0.3'", "loss.*"),
         _cli("--set-not-a-section", ["--set", "seed.x=1"], "--set 'seed.x=1'", "not a section"),
-        _cli("--set-unknown", ["--set", "head.bogus=1"], "flags", "head.bogus",
+        _cli("--set-unknown", ["--set", "head.bogus=1"], "error: --set head.bogus",
              "not a known field"),
-        _cli("--set-sample-ratio-zero", ["--set", "head.sample_ratio=0"], "flags",
-             "head.sample_ratio = 0", "(0.0, 1.0]"),
-        _cli("--set-sample-ratio-above-one", ["--set", "head.sample_ratio=1.5"], "flags",
-             "head.sample_ratio = 1.5", "(0.0, 1.0]"),
-        _cli("--set-type", ["--set", "model.width=wide"], "flags", "model.width = 'wide'",
+        _cli("--set-sample-ratio-zero", ["--set", "head.sample_ratio=0"],
+             "error: --set head.sample_ratio = 0", "(0.0, 1.0]"),
+        _cli("--set-sample-ratio-above-one", ["--set", "head.sample_ratio=1.5"],
+             "error: --set head.sample_ratio = 1.5", "(0.0, 1.0]"),
+        _cli("--set-type", ["--set", "model.width=wide"], "error: --set model.width = 'wide'",
              "[4, 1024]"),
-        _cli("--set-data-type", ["--set", "data.num_identities=many"], "flags",
-             "data.num_identities = 'many'", "integer"),
+        _cli("--set-data-type", ["--set", "data.num_identities=many"],
+             "error: --set data.num_identities = 'many'", "integer"),
         _cli("--set-data-misplaced", ["--data", "image_folder", "--data-path", "/x",
-                                      "--set", "data.num_identities=9"], "flags", "data",
+                                      "--set", "data.num_identities=9"], "command line: data",
              "num_identities", "'image_folder'"),
         _cli("--data-path-required", ["--data", "recordio"], "--data-path", "--data recordio"),
         _cli("--data-path-unused", ["--data-path", "/x"], "--data-path", "synthetic"),
@@ -487,8 +498,262 @@ def _cli_cases() -> list[Case]:
     return cases
 
 
+# --- the pre-flight data check: the same for the study and ``python -m workers.train`` ----
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _folder(*counts: int) -> Callable[[Path], Path]:
+    """``tmp/faces`` with one identity folder per entry of ``counts``, holding that many
+    PNGs."""
+    def make(tmp: Path) -> Path:
+        for identity, count in enumerate(counts):
+            (tmp / "faces" / f"id{identity}").mkdir(parents=True)
+            for index in range(count):
+                (tmp / "faces" / f"id{identity}" / f"{index}.png").write_bytes(_png(index))
+        (tmp / "faces").mkdir(exist_ok=True)
+        return tmp / "faces"
+    return make
+
+
+def _rec(corrupt: Callable[[Path], None]) -> Callable[[Path], Path]:
+    """A valid 8-image, 4-identity RecordIO set in ``tmp/rec``, then ``corrupt`` applied."""
+    def make(tmp: Path) -> Path:
+        write_recordio(tmp / "rec", [_png(v) for v in range(8)], [0, 0, 1, 1, 2, 2, 3, 3],
+                       (8, 8))
+        corrupt(tmp / "rec")
+        return tmp / "rec"
+    return make
+
+
+def _offset(rec: Path, key: int) -> int:
+    lines = (rec / "train.idx").read_text().split("\n")
+    return next(int(line.split()[1]) for line in lines if line.split()[:1] == [str(key)])
+
+
+def _overwrite(rec: Path, offset: int, data: bytes) -> None:
+    with (rec / "train.rec").open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def _parquet(labels: Any, embeddings: Any) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        pq.write_table(pa.table({"label": labels, "embedding": embeddings}),
+                       str(tmp / "f.parquet"))
+        return tmp / "f.parquet"
+    return make
+
+
+def _npz(images: tuple[int, ...], labels: tuple[int, ...]) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        np.savez(tmp / "o.npz", images=np.zeros(images, bool), labels=np.zeros(labels, int))
+        return tmp / "o.npz"
+    return make
+
+
+class _Shell:
+    """Unpickling this runs ``touch ran`` in the working directory (a payload to refuse)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.system, ("touch ran",)
+
+
+def _bin(content: bytes) -> Callable[[Path], Path]:
+    return lambda tmp: _file("lfw.bin", content)(tmp)
+
+
+#: a pickle naming a module that does not exist
+_MISSING_MODULE = b"\x80\x02cnosuchmodule\nThing\nq\x00)\x81q\x01."
+
+_DATA_CASES: list[tuple[str, str, Callable[[Path], Path], tuple[str, ...]]] = [
+    # (label, data source, maker of the data path, expected)
+    ("folder-empty", "image_folder", _folder(), ("faces", "no identity sub-folders")),
+    ("folder-one-identity", "image_folder", _folder(3), ("faces", "1 identity", "≥ 2")),
+    ("folder-identity-without-images", "image_folder", _folder(2, 0, 2),
+     ("faces/id1", "no images")),
+    ("folder-too-few-held-out", "image_folder", _folder(2, 2, 2),
+     ("faces", "held-out identities", "≥ 2")),
+    ("recordio-bad-index-line", "recordio",
+     _rec(lambda d: (d / "train.idx").write_text(
+         (d / "train.idx").read_text().replace("\n3\t", "\nthree\t"))),
+     ("rec/train.idx:4", "key<TAB>offset", "'three")),
+    ("recordio-corrupt-record", "recordio",
+     _rec(lambda d: _overwrite(d, _offset(d, 5), b"\0" * 8)),
+     ("rec/train.rec: record 5", "bad magic")),
+    ("recordio-truncated-record", "recordio",
+     _rec(lambda d: os.truncate(d / "train.rec", _offset(d, 8) + 20)),
+     ("rec/train.idx", "past the end", "rec/train.rec")),
+    ("parquet-float-labels", "parquet",
+     _parquet([0.0, 1.0], [[0.5, 0.5], [0.1, 0.2]]), ("f.parquet", "'label'", "double")),
+    ("parquet-text-embeddings", "parquet", _parquet([0, 1], [["a"], ["b"]]),
+     ("f.parquet", "'embedding'", "list of floats")),
+    ("npz-shapes", "omniglot", _npz((3, 20, 8, 8), (3, 20)),
+     ("o.npz", "expected images (964, 20, H, W)", "(3, 20, 8, 8)")),
+    ("npz-no-images", "omniglot", lambda tmp: (np.savez(tmp / "o.npz", labels=np.zeros(3)),
+                                               tmp / "o.npz")[1],
+     ("o.npz", "needs 'images' and 'labels'")),
+]
+
+_PAIR_CASES: list[tuple[str, bytes, tuple[str, ...]]] = [
+    ("none", pickle.dumps(None), ("not a (bins, issame_list) pickle", "NoneType")),
+    ("none-parts", pickle.dumps((None, None)), ("bins and issame_list must be lists",)),
+    ("none-images", pickle.dumps(([None, None], [True])), ("image 0 is a NoneType",)),
+    ("text-issame", pickle.dumps(([_png(1), _png(2)], ["yes"])),
+     ("issame_list[0] = 'yes'", "boolean")),
+    ("missing-module", _MISSING_MODULE, ("nosuchmodule.Thing", "may hold only")),
+    ("code", pickle.dumps(([_Shell()], [True])), ("posix.system", "may hold only")),
+    ("undecodable", pickle.dumps(([b"\x89PNG\r\n\x1a\n" + bytes(8)] * 2, [True])),
+     ("image 0", "cannot decode")),
+]
+
+
+def _data_cases() -> list[Case]:
+    """Each bad dataset through both command lines: one line, the same check."""
+    cases = []
+    for label, source, make, expected in _DATA_CASES:
+        def cli(tmp: Path, source: str = source, make: Make = make) -> list[str]:
+            return ["--data", source, "--data-path", str(make(tmp))]
+
+        def export(tmp: Path, source: str = source, make: Make = make) -> list[str]:
+            data = {"source": source, "path": str(make(tmp))}
+            config = _file("best.yaml", {**yaml.safe_load(TrialConfig().to_yaml()),
+                                         "data": data})(tmp)
+            return ["--config", str(config), "--output", str(tmp / "out")]
+        cases += [Case(f"cli-data-{label}", "cli", cli, (*expected, f"'{source}'")),
+                  Case(f"export-data-{label}", "export", export, (*expected, f"'{source}'"))]
+    for label, content, expected in _PAIR_CASES:
+        def pairs(tmp: Path, content: bytes = content) -> list[str]:
+            return ["--set", f"data.pair_files=[{_bin(content)(tmp)}]"]
+        cases.append(Case(f"cli-data-bin-{label}", "cli", pairs,
+                          (f"{TMP}/lfw.bin", *expected, "data.pair_files")))
+    return cases
+
+
+# --- driver inputs that used to fail late, after Ray started or after every trial ----------
+
+class _NotMlflow(http.server.BaseHTTPRequestHandler):
+    """Any web server that is not MLflow: 404 with an HTML page."""
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>not here</html>")
+
+    def log_message(self, *args: Any) -> None:
+        """Quiet."""
+
+
+def _web_server(tmp: Path) -> list[str]:
+    """``--tracking-uri`` of a web server on a free port (a daemon thread, this process)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return ["--tracking-uri", f"http://127.0.0.1:{server.server_address[1]}"]
+
+
+def _closed_port(tmp: Path) -> list[str]:
+    return ["--tracking-uri", f"http://127.0.0.1:{free_port()}"]
+
+
+def _space_file(name: str, content: Any) -> Make:
+    return lambda tmp: ["--space", str(_file(name, content)(tmp))]
+
+
+def _driver_cases() -> list[Case]:
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    big = {**_GOOD_SPACE, "fixed": {"resources": {"num_workers": 4 * cpus,
+                                                  "cpus_per_worker": 1.0}}}
+    wide = _space("arcface", {"resources.num_workers": {
+        "distribution": "int", "low": 1, "high": 4 * cpus}})
+    taken = _file("storage/taken/optuna.db", b"")
+    return [
+        _cli("--set-flag-field", ["--set", "epochs=5"], "--set 'epochs=5'", "--epochs"),
+        _cli("--set-resources-field", ["--set", "resources.num_workers=1"],
+             "resources.num_workers", "--workers"),
+        _cli("--set-data-section", ["--set", "data={num_identities: 9}"],
+             "--set 'data={num_identities: 9}'", "--data", "--data-path"),
+        _cli("--set-duplicate-key", ["--set", "model={width: 16, width: 32}"],
+             "--set 'model=", ":1: duplicate key 'width'"),
+        _cli("space-fixed-resources-too-big", _space_file("big.yaml", big),
+             f"{TMP}/big.yaml: fixed.resources.num_workers = {4 * cpus}",
+             f"{TMP}/big.yaml: fixed.resources.cpus_per_worker = 1.0",
+             f"the cluster has {cpus}"),
+        _cli("space-sampled-workers-too-many", _space_file("wide.yaml", wide),
+             f"{TMP}/wide.yaml: params.resources.num_workers = {4 * cpus}",
+             "--cpus-per-worker", f"the cluster has {cpus}"),
+        _cli("--gpus-per-worker-missing-gpus", ["--gpus-per-worker", str(gpus + 1),
+                                                "--workers", "1"],
+             f"--gpus-per-worker = {float(gpus + 1)}", "--workers = 1", "GPUs",
+             f"the cluster has {gpus}"),
+        _cli("--set-fp16-on-cpu", ["--set", "resources.precision=fp16"],
+             "--set resources.precision = 'fp16'", "--gpus-per-worker > 0"),
+        _cli("--ray-address-empty", ["--ray-address", ""], "--ray-address = ''",
+             "HOST:PORT"),
+        _cli("--ray-address-garbage", ["--ray-address", "not an address"],
+             "--ray-address = 'not an address'", "ray://HOST:PORT"),
+        _cli("--ray-address-port", ["--ray-address", "10.0.0.1:99999"],
+             "--ray-address = '10.0.0.1:99999'", "HOST:PORT"),
+        _cli("--ray-address-http", ["--ray-address", "http://10.0.0.1:8265"],
+             "--ray-address = 'http://10.0.0.1:8265'", "auto"),
+        _cli("--output-file", lambda tmp: ["--output", str(_file("out.txt", "x")(tmp))],
+             f"--output: {TMP}/out.txt", "a file, not a folder"),
+        _cli("--output-under-a-file", lambda tmp: [
+            "--output", str(_file("out.txt", "x")(tmp) / "artifacts")],
+             f"--output: {TMP}/out.txt/artifacts", "not writable"),
+        _cli("--tracking-uri-folder", lambda tmp: [
+            "--tracking-uri", f"sqlite:///{_not_a_file('m.db')(tmp)}"], "--tracking-uri",
+             f"{TMP}/m.db", "a folder, not a sqlite database"),
+        _cli("--tracking-uri-not-a-database", lambda tmp: [
+            "--tracking-uri", f"sqlite:///{_file('m.db', b'garbage' * 200)(tmp)}"],
+             f"--tracking-uri: {TMP}/m.db", "not a sqlite database"),
+        _cli("--tracking-uri-other-database", lambda tmp: [
+            "--tracking-uri", f"sqlite:///{_sqlite(tmp / 'optuna.db')}"],
+             f"--tracking-uri: {TMP}/optuna.db", "not an MLflow store"),
+        _cli("--tracking-uri-port", ["--tracking-uri", "http://127.0.0.1:port"],
+             "--tracking-uri = 'http://127.0.0.1:port'", "not a valid URL"),
+        _cli("--tracking-uri-port-range", ["--tracking-uri", "http://127.0.0.1:99999"],
+             "--tracking-uri = 'http://127.0.0.1:99999'", "not a valid URL"),
+        _cli("--tracking-uri-ipv6", ["--tracking-uri", "http://[::1:5000"],
+             "--tracking-uri = 'http://[::1:5000'", "not a valid URL"),
+        _cli("--tracking-uri-closed-port", _closed_port, "--tracking-uri", "unreachable"),
+        _cli("--tracking-uri-not-mlflow", _web_server, "--tracking-uri",
+             "not as an MLflow server", "HTTP 404"),
+        _cli("--name-too-long", ["--name", "n" * 300], "--name", "300 characters",
+             "at most 128"),
+        _cli("--resume-never-started", ["--resume", "--name", "nope"],
+             "--resume --name nope", "no study 'nope'", f"{TMP}/storage"),
+        _cli("--name-taken", lambda tmp: (taken(tmp), ["--name", "taken"])[1],
+             "--name taken", "exists", "--resume"),
+        _cli("--space-not-utf8", _space_file("latin1.yaml", "name: caf\xe9\n".encode("latin-1")),
+             f"{TMP}/latin1.yaml", "not UTF-8", "offset 9"),
+        _space_case("duplicate-key", "version: 1\nname: a\nloss: arcface\nname: b\n",
+                    ":4: duplicate key 'name'"),
+        _space_case("fixed-loss-name", {**_GOOD_SPACE, "fixed": {"loss": {"name": "cosface"}}},
+                    "fixed", "unknown hyperparameter(s) ['name']"),
+        Case("trial-loss-hyperparameter-name", "trial",
+             _value({"loss": {"name": "arcface", "hyperparameters": {"name": "cosface"}}}),
+             ("trial.yaml", "arcface", "unknown hyperparameter(s) ['name']")),
+        _export("not-utf8", "epochs: 2 # \xff\n".encode("latin-1"), f"{TMP}/best.yaml",
+                "not UTF-8", "byte 0xff"),
+        _export("duplicate-key", "epochs: 2\nseed: 1\nepochs: 3\n", f"{TMP}/best.yaml:3",
+                "duplicate key 'epochs'"),
+    ]
+
+
+def _sqlite(path: Path) -> Path:
+    """A sqlite database of some other program (a table, no MLflow schema)."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("create table studies (id integer)")
+        connection.commit()
+    return path
+
+
 CASES: list[Case] = [*_trial_cases(), *_loss_cases(), *_space_cases(), *_export_cases(),
-                     *_cli_cases()]
+                     *_cli_cases(), *_data_cases(), *_driver_cases()]
 
 
 def _errors(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:

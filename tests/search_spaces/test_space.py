@@ -12,7 +12,8 @@ from search_spaces import SpaceError, load_space, load_spaces, parse_space, ship
 from workers.config import parse_trial_config
 
 FAMILIES = {"softmax", "normface", "sphereface", "sphereface_r", "cosface", "arcface",
-            "combined", "dsoftmax", "sosoftmax", "virtual"}
+            "combined", "dsoftmax", "sosoftmax", "virtual", "curricularface", "magface",
+            "adaface", "elasticface_arc", "elasticface_cos", "subcenter_arcface", "uniface"}
 
 
 def test_every_family_ships_a_valid_space() -> None:
@@ -108,7 +109,7 @@ def test_each_bad_parameter_names_file_key_value_and_range(params: dict, expecte
 
 @pytest.mark.parametrize(("top", "expected"), [
     ({"version": 2}, "version = 2 must be 1"),
-    ({"loss": "arcfac"}, "loss: unknown loss 'arcfac'; known: ['arcface'"),
+    ({"loss": "arcfac"}, "loss: unknown loss 'arcfac'; known: ['adaface', 'arcface'"),
     ({"name": "has space"}, "name = 'has space' must be an identifier"),
     ({"params": {}}, "params must be a non-empty mapping"),
     ({"fixed": {"head": {"sample_ratio": 2}}}, "head.sample_ratio = 2 must be a number in"),

@@ -41,15 +41,17 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--trials", "0"], "error: --trials = 0 must be an integer ≥ 1"),
-    (["--workers", "9"], "error: --workers = 9 × --cpus-per-worker = 0.45 (+ 0.1 per trial) "
-                         "needs 4.15 CPUs; this machine has"),
+    (["--workers", "9"], "error: --workers = 9 × --cpus-per-worker = 0.45 + 0.1 per trial "
+                         "needs 4.15 CPUs; the cluster has"),
     (["--sampler", "cmaes"], "error: --sampler = 'cmaes' must be one of ['tpe', 'nsga2', "
                              "'random', 'grid']"),
     (["--tracking-uri", "./mlruns"], "error: --tracking-uri = './mlruns' must be "
                                      "sqlite:///ABSOLUTE/PATH.db or http(s)://HOST:PORT"),
     (["--storage", "relative/dir"], "error: --storage = 'relative/dir' must be an absolute path"),
-    (["--set", "head.sample_ratio=0"], "error: flags: head.sample_ratio = 0 must be a number in "
-                                       "(0.0, 1.0]"),
+    (["--set", "head.sample_ratio=0"], "error: --set head.sample_ratio = 0 must be a number "
+                                       "in (0.0, 1.0]"),
+    (["--epochs", "200000"], "error: --epochs = 200000 must be an integer in [1, 100000]"),
+    (["--set", "epochs=5"], "error: --set 'epochs=5': epochs is set by --epochs; use that flag"),
     (["--data", "image_folder", "--data-path", "/nonexistent"],
      "error: /nonexistent: not found (data.source = 'image_folder')"),
     (["--resume"], "error: --resume needs --name"),

@@ -28,7 +28,7 @@ def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
     ({"optim": {"head_lr": -1}}, "optim.head_lr = -1 must be a number in (0.0, 10.0]"),
     ({"optim": {"optimizer": "lamb"}}, "optim.optimizer = 'lamb' is not one of ['sgd', 'adamw']"),
     ({"model": {"backbone": "vgg"}}, "model.backbone = 'vgg': not one of ['small_cnn'"),
-    ({"loss": {"name": "arcfac"}}, "loss.name = 'arcfac': not one of ['arcface'"),
+    ({"loss": {"name": "arcfac"}}, "loss.name = 'arcfac': not one of ['"),
     ({"loss": {"name": "arcface", "hyperparameters": {"margin": 1.7}}},
      "loss: arcface.margin = 1.7 rad is outside [0, 1.2]"),
     ({"loss": {"name": "arcface", "hyperparameters": {"m": 1}}},

@@ -19,7 +19,14 @@ from ._dataset import (
     random_flip,
 )
 from ._image_folder import IMAGE_EXTENSIONS, load_image_folder
-from ._ingest import decode_shard_batch, ingest_cpus, shard_batches, shard_steps, train_ingest
+from ._ingest import (
+    decode_shard_rows,
+    ingest_cpus,
+    read_shards,
+    shard_batches,
+    shard_steps,
+    train_ingest,
+)
 from ._load import (
     DataConfig,
     DatasetSplit,
@@ -77,7 +84,7 @@ __all__ = [
     "check_shards",
     "decode_image",
     "decode_image_pixels",
-    "decode_shard_batch",
+    "decode_shard_rows",
     "epoch_batches",
     "frame_record",
     "heldout_dataset",
@@ -95,6 +102,7 @@ __all__ = [
     "read_pairs_bin",
     "read_parquet_features",
     "read_property",
+    "read_shards",
     "resolve_omniglot_path",
     "shard_batches",
     "shard_steps",

@@ -1,18 +1,18 @@
 """Ray Data ingest of packed shards (``data.source: shards``): the driver's dataset, a worker's
 batches.
 
-Driver (``train_ingest``, in the process that builds the ``TorchTrainer``): ``read_parquet`` over
-the train shards, file order reshuffled every epoch, then decode + random flip in
-``map_batches``, all in Ray tasks on any node's CPUs within ``data.ray_data_cpus`` logical CPUs
-per trial; the output is ``uint8`` pixels (normalised on the device by ``to_device``).
-Worker (``shard_batches``): ``iter_torch_batches(drop_last=True)`` on its split, exactly
-``shard_steps`` batches per epoch on every rank.
+Driver (``train_ingest``, where the ``TorchTrainer`` is built): one input row per train shard
+(from the manifest), in a new seeded order every epoch; one Ray task per shard reads it row
+group by row group and decodes + randomly flips its images, on any node's CPUs, within
+``data.ray_data_cpus`` logical CPUs per trial; the output is ``uint8`` pixels (normalised on
+the device by ``to_device``). Worker (``shard_batches``): ``iter_torch_batches(drop_last=True)``
+on its split, exactly ``shard_steps`` batches per epoch on every rank.
 
 Ray 2.60, verified in the installed source and the docs (``search``), and by
-``tests/workers/test_shards_train.py`` and the concurrent study in ``tests/study``:
+``tests/workers/test_shards_train.py`` and ``tests/study/test_shards_study.py``:
 
 - ``TorchTrainer(datasets=, dataset_config=)`` (ray/train/v2/torch/torch_trainer.py). Train V2
-  builds the shards in a ``DatasetManager`` actor started by the controller, also when the
+  builds the splits in a ``DatasetManager`` actor started by the controller, also when the
   trainer runs inside a Tune function trainable; ``ray.train.get_dataset_shard("train")`` is a
   barrier across the ranks on first call, then cached.
 - ``ray.train.DataConfig.configure`` splits "train" with ``streaming_split(world_size,
@@ -23,18 +23,23 @@ Ray 2.60, verified in the installed source and the docs (``search``), and by
   ExecutionResources.for_limits(cpu=L)))`` replaces the ``DataContext`` defaults for that
   dataset (``_resolve_execution_options``); the streaming executor keeps its tasks within L
   logical CPUs (``ResourceManager.get_global_limits``: ``min(limits, cluster)``).
-- ``read_parquet(num_cpus=, shuffle=FileShuffleConfig(seed, reseed_after_execution=True))``:
-  fractional CPUs per read task, a new seeded file order per execution (epoch). It samples
-  2–10 files in 1-CPU Ray tasks when called (parquet_datasource.py ``_fetch_file_infos``), so
-  the trial builds it before its Train workers take their CPUs.
-- ``map_batches(num_cpus=)`` equal to the read's: the read and the decode fuse into one task.
+- Not ``ray.data.read_parquet``: in 2.60 it plans ``ListFiles → ReadFiles`` (DataSourceV2,
+  ``DataContext.use_datasource_v2`` defaults to True) and the ``ListFiles`` task of every
+  execution takes 1 whole CPU whatever ``num_cpus`` says (plan_list_files_op.py passes no
+  ``num_cpus``; ``MapOperator`` defaults to 1). With fractional budgets (two trials of 0.4 CPU
+  on 2 cores) it never schedules: the concurrent study hung with ``ray status`` showing
+  ``{'CPU': 1.0}`` pending ``ListFiles``. The V1 reader samples files in 1-CPU tasks when
+  called. ``from_items`` makes no task, ``randomize_block_order(RandomSeedConfig(seed,
+  reseed_after_execution=True))`` only reorders block references (a seeded new order per
+  execution), and ``map_batches(num_cpus=)`` is the only task, so the budget holds exactly.
+- ``map_batches`` takes a generator function (several output batches per input row).
 - ``iter_torch_batches(batch_size, drop_last, prefetch_batches, local_shuffle_buffer_size,
   local_shuffle_seed, device, pin_memory)``; a string column cannot become a tensor, so the
   decode outputs numeric columns only.
 - An exception in a UDF reaches the consumer as a multi-line
   ``RayTaskError(UserCodeException)`` without the original exception object, so the decode
-  does not raise: it marks a corrupt image (column ``corrupt``) and the worker raises the
-  one-line error naming the shard and row.
+  does not raise on a corrupt image: it marks it (column ``corrupt``) and the worker raises
+  the one-line error naming the shard and row.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from workers.seeding import derive_seed
@@ -52,7 +59,7 @@ from ._load import parse_data_config
 from ._loader import PREFETCH_BATCHES, Batch
 from ._shards import PackedShards, open_shards
 
-#: rows each decode call turns into pixels (a block of this many images crosses to a worker)
+#: rows decoded into one output block (this many images cross to a worker at a time)
 DECODE_BATCH_ROWS = 256
 #: a worker's local shuffle buffer, in batches (on top of the pack's global shuffle and the
 #: per-epoch file order)
@@ -76,17 +83,15 @@ def train_ingest(data: dict[str, Any], seed: int) -> tuple[dict[str, Any] | None
         return None, None
     import ray.data
     import ray.train
-    from ray.data import ExecutionOptions, ExecutionResources, FileShuffleConfig
+    from ray.data import ExecutionOptions, ExecutionResources, RandomSeedConfig
 
     shards = open_shards(config.path or "")
-    per_task = min(1.0, config.ray_data_cpus)
-    dataset = ray.data.read_parquet(
-        [str(path) for path in shards.files("train")], num_cpus=per_task,
-        shuffle=FileShuffleConfig(seed=derive_seed("shard-files", seed) % 2**32,
-                                  reseed_after_execution=True))
-    dataset = dataset.map_batches(
-        decode_shard_batch, batch_size=DECODE_BATCH_ROWS, batch_format="numpy",
-        num_cpus=per_task,
+    files = [{"file": str(path)} for path in shards.files("train")]
+    order = RandomSeedConfig(seed=derive_seed("shard-files", seed) % 2**32,
+                             reseed_after_execution=True)
+    dataset = ray.data.from_items(files, override_num_blocks=len(files))
+    dataset = dataset.randomize_block_order(seed=order).map_batches(
+        read_shards, batch_size=1, batch_format="numpy", num_cpus=min(1.0, config.ray_data_cpus),
         fn_kwargs={"image_size": shards.manifest.image_size,
                    "channels": shards.manifest.channels, "flip": config.flip})
     limits = ExecutionResources.for_limits(cpu=config.ray_data_cpus)
@@ -94,8 +99,21 @@ def train_ingest(data: dict[str, Any], seed: int) -> tuple[dict[str, Any] | None
         execution_options=ExecutionOptions(resource_limits=limits))
 
 
-def decode_shard_batch(batch: dict[str, np.ndarray], image_size: int, channels: int,
-                       flip: bool) -> dict[str, np.ndarray]:
+def read_shards(batch: dict[str, np.ndarray], image_size: int, channels: int,
+                flip: bool) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of each shard ``file`` in ``batch``, row group by row group, decoded
+    ``DECODE_BATCH_ROWS`` at a time (``decode_shard_rows``)."""
+    for file in batch["file"]:
+        parquet = pq.ParquetFile(str(file))
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=["image", "label", "shard", "row"])
+            for start in range(0, table.num_rows, DECODE_BATCH_ROWS):
+                yield decode_shard_rows(table.slice(start, DECODE_BATCH_ROWS), image_size,
+                                        channels, flip)
+
+
+def decode_shard_rows(table: pa.Table, image_size: int, channels: int,
+                      flip: bool) -> dict[str, np.ndarray]:
     """Shard rows → ``image`` ``(B, C, S, S)`` uint8 (flipped at random when ``flip``),
     ``label`` and ``corrupt`` (``shard << 32 | row`` where an image did not decode, else −1;
     its pixels are zero).
@@ -103,20 +121,21 @@ def decode_shard_batch(batch: dict[str, np.ndarray], image_size: int, channels: 
     Flips draw fresh entropy: Ray Data hands blocks to ranks as they ask for them, so this
     path is not bitwise reproducible anyway, and each epoch flips anew.
     """
-    count = len(batch["label"])
+    count = table.num_rows
     images = np.zeros((count, channels, image_size, image_size), dtype=np.uint8)
     corrupt = np.full(count, _DECODED, dtype=np.int64)
-    for index, data in enumerate(batch["image"]):
+    shards, rows = (table.column(name).to_numpy() for name in ("shard", "row"))
+    for index, data in enumerate(table.column("image").to_pylist()):
         try:
             images[index] = decode_image_pixels(data, image_size, channels, "").numpy()
         except ValueError:
-            corrupt[index] = int(batch["shard"][index]) << 32 | int(batch["row"][index])
+            corrupt[index] = int(shards[index]) << 32 | int(rows[index])
     pixels = torch.from_numpy(images)
     if flip:
         generator = torch.Generator()
         generator.seed()
         pixels = random_flip(pixels, generator)
-    return {"image": pixels.numpy(), "label": batch["label"].astype(np.int64),
+    return {"image": pixels.numpy(), "label": table.column("label").to_numpy().astype(np.int64),
             "corrupt": corrupt}
 
 

@@ -25,7 +25,7 @@ from ._pairs import PairSet, read_pairs_bin
 from ._parquet import check_parquet_features, read_parquet_features
 from ._recordio import check_recordio, load_recordio
 from ._shards import PackedShards, check_shards, heldout_dataset, open_shards
-from ._split import split_dataset
+from ._split import split_dataset, split_identities
 from ._synthetic import synthetic_identities
 
 Source = Literal["synthetic", "image_folder", "recordio", "omniglot", "parquet", "shards"]
@@ -139,17 +139,24 @@ def parse_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
 
 
 def check_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
-    """``parse_data_config`` plus the file checks a driver can do before starting Ray: every
-    pair file loads, and the data path exists with the right kind and header (a folder, a
-    RecordIO index and first frame, a Parquet schema, an npz's arrays, a shard manifest and
-    every shard's size and footer). ``load_dataset``
-    validates the rest. A problem is one line naming the file and the field."""
+    """``parse_data_config`` plus every check of the data that reads no pixel and no feature
+    value: the one check a driver (``study/run.py``, ``python -m workers.train``) runs before
+    Ray starts, so a trial never fails on what it can find. Every pair file loads (restricted
+    unpickling, every image's signature, the first image decodes); the data path's index is
+    built as ``load_dataset`` builds it — an image folder's listing (every identity holds an
+    image), a RecordIO set's header, every ``.idx`` line and every record's header (the label
+    scan, cached per ``.rec`` version), a Parquet schema and its label column, an npz's array
+    headers and labels, a shard manifest and every shard's size and footer — and the
+    identities split as training splits them, into ≥ 2 training identities and (held out)
+    ≥ 2 identities with a pair of images. Cost: O(N) listing, index and label work, cached
+    for RecordIO; no image is decoded beyond each pair file's first. A problem is one line
+    naming the file and the field."""
     config = parse_data_config(data, source)
     checks: list[tuple[Path, str, Callable[[Path], object]]] = [
         (Path(path), f"{source}.pair_files", read_pairs_bin) for path in config.pair_files]
     if config.source == "omniglot":
         checks.append((resolve_omniglot_path(config.path), f"{source}.source = 'omniglot'",
-                       check_omniglot))
+                       _CONTENT_CHECKS["omniglot"]))
     elif config.path:
         checks.append((Path(config.path), f"{source}.source = {config.source!r}",
                        _CONTENT_CHECKS[config.source]))
@@ -157,19 +164,67 @@ def check_data_config(data: dict[str, Any], source: str = "data") -> DataConfig:
         if not path.exists():
             raise FileNotFoundError(f"{path}: not found ({where})")
         try:
-            check(path)
+            found = check(path)
+            if isinstance(found, _Labels):
+                _check_split(found, config, path)
         except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"{str(error).splitlines()[0]} ({where})") from None
+    if config.source == "shards":
+        _check_evaluable(open_shards(config.path or ""), config)
     return config
 
 
-def _check_folder(path: Path) -> None:
+def _check_evaluable(shards: PackedShards, config: DataConfig) -> None:
+    """Something to evaluate on: held-out shards, or pair files."""
+    if shards.manifest.heldout.rows == 0 and not config.pair_files:
+        raise ValueError(f"{shards.root}: packed with --heldout-fraction 0, it holds out no "
+                         "identities; evaluation needs data.pair_files")
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """A source's identity label per sample and, when identities go together (omniglot's
+    alphabets), the group of each label."""
+
+    labels: torch.Tensor
+    groups: torch.Tensor | None = None
+
+
+def _check_split(found: _Labels, config: DataConfig, path: Path) -> None:
+    """The identities split as ``load_dataset`` splits them leave ≥ 2 to train on and, with
+    ``heldout_fraction > 0``, ≥ 2 held out, one of them with ≥ 2 images (a genuine pair)."""
+    present, counts = torch.unique(found.labels, return_counts=True)
+    if len(present) < 2:
+        raise ValueError(f"{path}: {len(present)} identity; training needs ≥ 2 identities")
+    groups = present if found.groups is None else found.groups[present]
+    if config.heldout_fraction > 0 and len(torch.unique(groups)) < 2:
+        raise ValueError(f"{path}: its identities form 1 group; holding some out needs ≥ 2")
+    train, heldout = split_identities(groups, config.heldout_fraction, config.seed)
+    if len(train) < 2:
+        raise ValueError(f"{path}: {len(present)} identities leave {len(train)} to train on "
+                         f"after data.heldout_fraction = {config.heldout_fraction}; training "
+                         "needs ≥ 2")
+    if config.heldout_fraction > 0 and (len(heldout) < 2 or counts[heldout].max() < 2):
+        raise ValueError(f"{path}: the {len(heldout)} held-out identities need ≥ 2 identities "
+                         "and one with ≥ 2 images for verification pairs")
+
+
+def _index_folder(path: Path) -> _Labels:
     if not path.is_dir():
         raise ValueError(f"{path}: not a folder (image_folder needs root/<identity>/<image>)")
+    return _Labels(load_image_folder(path).labels)
+
+
+def _index_recordio(path: Path) -> _Labels:
+    check_recordio(path)  # the header first: its problems have the clearest messages
+    return _Labels(load_recordio(path).labels)
 
 
 _CONTENT_CHECKS: dict[str, Callable[[Path], object]] = {
-    "image_folder": _check_folder, "recordio": check_recordio, "parquet": check_parquet_features,
+    "image_folder": _index_folder, "recordio": _index_recordio,
+    "parquet": lambda path: _Labels(check_parquet_features(path)),
+    "omniglot": lambda path: _Labels(torch.from_numpy(check_omniglot(path).reshape(-1)),
+                                     alphabet_of_class()),
     "shards": check_shards}
 
 
@@ -209,6 +264,7 @@ def load_dataset(config: DataConfig) -> DatasetSplit:
 def _load_shards(config: DataConfig) -> DatasetSplit:
     """The held-out side and the sizes of a packed folder; no train image is read here."""
     shards = open_shards(config.path or "")
+    _check_evaluable(shards, config)
     size, channels = shards.manifest.image_size, shards.manifest.channels
     pairs = tuple(read_pairs_bin(path, size, channels) for path in config.pair_files)
     return DatasetSplit(None, heldout_dataset(shards), shards.manifest.train.classes,

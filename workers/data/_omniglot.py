@@ -10,6 +10,7 @@ never copied: it is read from ``path``, ``$MARGINLAB_OMNIGLOT`` or the default l
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +49,36 @@ def alphabet_of_class() -> torch.Tensor:
         torch.tensor([count for _, count in ALPHABETS]))
 
 
-def check_omniglot(path: str | Path | None = None) -> None:
-    """The cheap check, before any loading: an npz archive holding ``images`` and ``labels``."""
+def check_omniglot(path: str | Path | None = None) -> np.ndarray:
+    """The check before any loading: an npz archive whose ``images`` header (read alone) is
+    ``(964, 20, H, W)`` and whose ``labels`` (small, read in full) are each row's class index;
+    returns the labels. ``load_omniglot`` reads the drawings."""
     path = resolve_omniglot_path(path)
     try:
+        with zipfile.ZipFile(path) as archive, archive.open("images.npy") as images:
+            version = np.lib.format.read_magic(images)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape = read_header(images)[0]
         with np.load(path) as archive:
-            names = set(archive.files)
-    except (OSError, ValueError, TypeError):
+            labels = archive["labels"]
+    except KeyError:
+        raise ValueError(f"{path}: not an omniglot npz: it needs 'images' and 'labels'") \
+            from None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile):
         raise ValueError(f"{path}: not an npz archive") from None
-    if not {"images", "labels"} <= names:
-        raise ValueError(f"{path}: not an omniglot npz: it needs 'images' and 'labels', has "
-                         f"{sorted(names)}")
+    _check_arrays(path, shape, labels)
+    return labels
+
+
+def _check_arrays(path: Path, shape: tuple[int, ...], labels: np.ndarray) -> None:
+    """``images`` of ``shape`` and ``labels`` are Omniglot's background set."""
+    num_classes = sum(count for _, count in ALPHABETS)
+    if len(shape) != 4 or shape[0] != num_classes or labels.shape != shape[:2]:
+        raise ValueError(f"{path}: expected images (964, 20, H, W) and labels (964, 20), got "
+                         f"{shape} and {labels.shape}")
+    if not np.array_equal(labels, np.broadcast_to(np.arange(num_classes)[:, None], labels.shape)):
+        raise ValueError(f"{path}: labels must equal the class row index")
 
 
 def load_omniglot(path: str | Path | None = None, image_size: int = 32,
@@ -73,12 +93,7 @@ def load_omniglot(path: str | Path | None = None, image_size: int = 32,
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"{path}: not an omniglot npz with 'images' and 'labels' "
                          f"({error})") from None
-    num_classes = sum(count for _, count in ALPHABETS)
-    if paper.shape[0] != num_classes or paper.ndim != 4 or labels.shape != paper.shape[:2]:
-        raise ValueError(f"{path}: expected images (964, 20, H, W) and labels (964, 20), got "
-                         f"{paper.shape} and {labels.shape}")
-    if not np.array_equal(labels, np.broadcast_to(np.arange(num_classes)[:, None], labels.shape)):
-        raise ValueError(f"{path}: labels must equal the class row index")
+    _check_arrays(path, paper.shape, labels)
     ink = torch.from_numpy(~paper).reshape(-1, 1, *paper.shape[2:])
     small = torch.cat([F.interpolate(block.float(), size=(image_size, image_size), mode="area")
                        for block in ink.split(2048)])

@@ -37,17 +37,44 @@ def write_parquet_features(path: str | Path, embeddings: np.ndarray | torch.Tens
     pq.write_table(table, str(path))
 
 
-def check_parquet_features(path: str | Path) -> None:
-    """The cheap check, before any loading: a Parquet footer whose schema has the ``label``
-    and ``embedding`` columns. ``read_parquet_features`` checks every row."""
+def check_parquet_features(path: str | Path) -> torch.Tensor:
+    """The check before any loading: the footer's schema has an integer ``label`` and a list
+    ``embedding`` column, and the label column (read alone, O(N)) is non-null, non-empty and
+    within ``num_classes``; returns the labels. ``read_parquet_features`` also checks every
+    embedding value."""
     try:
-        names = pq.read_schema(str(path)).names
+        schema = pq.read_schema(str(path))
     except (pa.ArrowException, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"{path}: not a Parquet file ({message})") from None
-    missing = sorted({"label", "embedding"} - set(names))
+    missing = sorted({"label", "embedding"} - set(schema.names))
     if missing:
         raise ValueError(f"{path}: no column(s) {missing}; need 'label' and 'embedding'")
+    embedding = schema.field("embedding").type
+    if not (pa.types.is_fixed_size_list(embedding) or pa.types.is_list(embedding)) \
+            or not pa.types.is_floating(embedding.value_type):
+        raise ValueError(f"{path}: 'embedding' must be a list of floats column, got {embedding}")
+    labels = pq.read_table(str(path), columns=["label"]).column("label")
+    return torch.from_numpy(_checked_labels(path, labels, None, schema.metadata or {}))
+
+
+def _checked_labels(path: str | Path, column: pa.ChunkedArray, num_classes: int | None,
+                    metadata: dict[bytes, bytes]) -> np.ndarray:
+    """The label column as int64, after checking its type, nulls, length and range (against
+    ``num_classes``, else the schema's ``marginlab.num_classes``)."""
+    if num_classes is None and NUM_CLASSES_KEY in metadata:
+        num_classes = int(metadata[NUM_CLASSES_KEY])
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise ValueError(f"{path}: 'label' must be a non-null integer column, got {column.type}")
+    labels = column.to_numpy().astype(np.int64)
+    if len(labels) == 0:
+        raise ValueError(f"{path}: no rows")
+    bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        bound = f"[0, {num_classes})" if num_classes is not None else "≥ 0"
+        raise ValueError(f"{path}: row {row} has label {labels[row]}; labels must be in {bound}")
+    return labels
 
 
 def read_parquet_features(path: str | Path, num_classes: int | None = None) -> TensorDataset:
@@ -61,21 +88,14 @@ def read_parquet_features(path: str | Path, num_classes: int | None = None) -> T
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"{path}: cannot read 'label' and 'embedding' columns ({message})") \
             from None
-    metadata = table.schema.metadata or {}
-    if num_classes is None and NUM_CLASSES_KEY in metadata:
-        num_classes = int(metadata[NUM_CLASSES_KEY])
-    labels_col, embedding_col = table.column("label"), table.column("embedding")
-    if not pa.types.is_integer(labels_col.type) or labels_col.null_count:
-        raise ValueError(f"{path}: 'label' must be a non-null integer column, got "
-                         f"{labels_col.type}")
+    labels = _checked_labels(path, table.column("label"), num_classes,
+                             table.schema.metadata or {})
+    embedding_col = table.column("embedding")
     if not (pa.types.is_fixed_size_list(embedding_col.type) or pa.types.is_list(
             embedding_col.type)) or embedding_col.null_count:
         raise ValueError(f"{path}: 'embedding' must be a non-null list column, got "
                          f"{embedding_col.type}")
-    labels = labels_col.to_numpy().astype(np.int64)
     embeddings = embedding_col.combine_chunks()
-    if len(labels) == 0:
-        raise ValueError(f"{path}: no rows")
     lengths = pc.list_value_length(embeddings).to_numpy()
     if lengths.min() != lengths.max() or lengths[0] == 0:
         raise ValueError(f"{path}: embeddings must be non-empty and of one length, got lengths "
@@ -85,9 +105,4 @@ def read_parquet_features(path: str | Path, num_classes: int | None = None) -> T
     if not np.isfinite(features).all():
         row = int(np.flatnonzero(~np.isfinite(features).all(1))[0])
         raise ValueError(f"{path}: row {row} has a non-finite embedding value")
-    bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        bound = f"[0, {num_classes})" if num_classes is not None else "≥ 0"
-        raise ValueError(f"{path}: row {row} has label {labels[row]}; labels must be in {bound}")
     return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))

@@ -128,17 +128,19 @@ def open_shards(path: str | Path) -> PackedShards:
 def check_shards(path: str | Path) -> PackedShards:
     """The checks before training, from file sizes and Parquet footers only: the manifest
     parses, every shard exists with the recorded size (a truncated one is named with the
-    rows it loses), has the columns, the recorded row count and labels within its side's
-    classes (row-group statistics). Images are decoded at first read."""
+    rows it loses), has the columns, the recorded row count, its own ``shard`` index and
+    labels within its side's classes (row-group statistics). Images are decoded at first
+    read."""
     shards = open_shards(path)
     for side in SIDES:
         record = getattr(shards.manifest, side)
-        for shard, file in zip(record.shards, shards.files(side), strict=True):
-            _check_shard(file, shard, record.classes)
+        for index, (shard, file) in enumerate(zip(record.shards, shards.files(side),
+                                                  strict=True)):
+            _check_shard(file, shard, index, record.classes)
     return shards
 
 
-def _check_shard(path: Path, shard: ShardFile, classes: int) -> None:
+def _check_shard(path: Path, shard: ShardFile, index: int, classes: int) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
     size = path.stat().st_size
@@ -155,15 +157,19 @@ def _check_shard(path: Path, shard: ShardFile, classes: int) -> None:
         raise ValueError(f"{path}: no column(s) {missing}; a shard needs {list(COLUMNS)}")
     if metadata.num_rows != shard.rows:
         raise ValueError(f"{path}: {metadata.num_rows} rows, the manifest records {shard.rows}")
-    label = metadata.schema.names.index("label")
+    columns = {name: metadata.schema.names.index(name) for name in ("label", "shard")}
     first = 0
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
-        statistics = row_group.column(label).statistics
-        if statistics is not None and statistics.has_min_max and not (
-                0 <= statistics.min and statistics.max < classes):
-            raise ValueError(f"{path}: rows {first}..{first + row_group.num_rows - 1} hold "
-                             f"labels {statistics.min}..{statistics.max}, outside [0, {classes})")
+        rows = f"rows {first}..{first + row_group.num_rows - 1}"
+        label, own = (row_group.column(columns[name]).statistics for name in ("label", "shard"))
+        if label is not None and label.has_min_max and not (
+                0 <= label.min and label.max < classes):
+            raise ValueError(f"{path}: {rows} hold labels {label.min}..{label.max}, outside "
+                             f"[0, {classes})")
+        if own is not None and own.has_min_max and (own.min, own.max) != (index, index):
+            raise ValueError(f"{path}: {rows} are rows of shard {own.min}, not of shard "
+                             f"{index} (files renamed or swapped?)")
         first += row_group.num_rows
 
 

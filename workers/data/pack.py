@@ -154,7 +154,7 @@ def pack(dataset: LabelledDataset, output: str | Path, *, source: dict[str, Any]
     if (output / MANIFEST_FILE).exists():
         raise ValueError(f"{output}: already holds a packed dataset ({MANIFEST_FILE})")
     output.mkdir(parents=True, exist_ok=True)
-    if dataset.input_shape[0] not in (1, 3) or len(dataset.input_shape) != 3:
+    if len(dataset.input_shape) != 3 or dataset.input_shape[0] not in (1, 3):
         raise ValueError(f"can only pack images (1 or 3, S, S), got {dataset.input_shape}")
     # split an index dataset: its inputs are the sample indices, so the subsets say which
     # samples went where and their new labels, exactly as split_dataset relabels

@@ -7,10 +7,13 @@ A checkpoint is a directory:
   the weight and of every optimizer state tensor shaped like the weight (momentum, Adam's
   moments);
 * ``shared.pt`` (rank 0): what every row shares — the optimizer's other state for the weight
-  (e.g. Adam's ``step``) and the loss's ``state_dict()`` when the loss is an ``nn.Module``;
+  (e.g. Adam's ``step``), the loss state's ``state_dict()`` (the head's ``loss_state``, or
+  the loss itself when it is an ``nn.Module``; identical on every rank) and the optimizer's
+  state of the loss state's parameters (``loss_optimizer``, e.g. momentum of UniFace's b);
 * ``manifest.json`` (rank 0, written once every rank has written its rows): format and
-  version, ``num_classes``, ``embedding_dim``, ``dtype``, the ``world_size`` that wrote it, the
-  head's ``step_count``, each file's row range and the state keys.
+  version, ``num_classes``, ``embedding_dim``, ``subcenters`` (K: each row holds K·D values),
+  ``dtype``, the ``world_size`` that wrote it, the head's ``step_count``, each file's row range
+  and the state keys.
 
 Loading at any world size: each rank reads the manifest, checks every file's header, then
 copies only the rows it owns, ``[shard.start, shard.stop)``, from the files that overlap them.
@@ -75,6 +78,13 @@ class HeadManifest(_Strict):
     row_state: list[str]
     scalar_state: list[str]
     loss_state: bool
+    #: centre rows per class (sub-centres); a row of every file holds ``subcenters·D`` values
+    subcenters: Annotated[int, Field(ge=1)] = 1
+
+    @property
+    def row_width(self) -> int:
+        """Values per saved row: ``subcenters · embedding_dim``."""
+        return self.subcenters * self.embedding_dim
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -104,9 +114,12 @@ def save_head_checkpoint(head: SampledSoftmaxHead, optimizer: torch.optim.Optimi
     rows, scalars = _split_optimizer_state(head, optimizer)
     torch.save({"start": shard.start, "stop": shard.stop, "weight": head.weight.detach(),
                 "optimizer": rows}, directory / shard_file_name(shard.rank, shard.world_size))
-    loss_state = head.loss.state_dict() if isinstance(head.loss, nn.Module) else None
+    state_module = _loss_state_module(head)
+    loss_state = None if state_module is None else state_module.state_dict()
     if shard.rank == 0:
-        torch.save({"optimizer": scalars, "loss": loss_state}, directory / SHARED_FILE)
+        torch.save({"optimizer": scalars, "loss": loss_state,
+                    "loss_optimizer": _loss_optimizer_state(state_module, optimizer)},
+                   directory / SHARED_FILE)
     _barrier(head)
     if shard.rank == 0:
         manifest = HeadManifest(
@@ -117,7 +130,7 @@ def save_head_checkpoint(head: SampledSoftmaxHead, optimizer: torch.optim.Optimi
                     for rank, (start, stop) in enumerate(
                         partition_n_into_range(head.num_classes, shard.world_size))],
             row_state=sorted(rows), scalar_state=sorted(scalars),
-            loss_state=loss_state is not None)
+            loss_state=loss_state is not None, subcenters=head.subcenters)
         temporary = directory / f"{MANIFEST_FILE}.tmp"
         temporary.write_text(manifest.model_dump_json(indent=1))
         os.replace(temporary, directory / MANIFEST_FILE)
@@ -142,6 +155,20 @@ def _split_optimizer_state(head: SampledSoftmaxHead, optimizer: torch.optim.Opti
     return rows, scalars
 
 
+def _loss_state_module(head: SampledSoftmaxHead) -> nn.Module | None:
+    """What holds the loss's state: the loss itself when it is a module, else ``loss_state``."""
+    return head.loss if isinstance(head.loss, nn.Module) else head.loss_state
+
+
+def _loss_optimizer_state(module: nn.Module | None, optimizer: torch.optim.Optimizer | None
+                          ) -> dict[str, dict[str, Any]]:
+    """The optimizer's state of each parameter of the loss state, by parameter name."""
+    if module is None or optimizer is None:
+        return {}
+    return {name: dict(optimizer.state[parameter])
+            for name, parameter in module.named_parameters() if parameter in optimizer.state}
+
+
 def _barrier(head: SampledSoftmaxHead) -> None:
     if head.shard.world_size > 1:
         dist.barrier(group=head.shard.group)
@@ -155,12 +182,13 @@ def _check_holds_weight(head: SampledSoftmaxHead, optimizer: torch.optim.Optimiz
 # --- read and validate -----------------------------------------------------------------------
 
 def read_head_manifest(directory: str | Path, num_classes: int | None = None,
-                       embedding_dim: int | None = None) -> HeadManifest:
+                       embedding_dim: int | None = None,
+                       subcenters: int | None = None) -> HeadManifest:
     """The manifest of the checkpoint in ``directory``, checked with every file it lists.
 
     Raises a one-line ``ValueError`` naming the file and the field: manifest missing or
-    invalid, ``num_classes``/``embedding_dim`` other than the given ones, a shard file missing,
-    truncated or holding other rows or keys than the manifest says.
+    invalid, ``num_classes``/``embedding_dim``/``subcenters`` other than the given ones, a
+    shard file missing, truncated or holding other rows or keys than the manifest says.
     """
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
@@ -172,7 +200,8 @@ def read_head_manifest(directory: str | Path, num_classes: int | None = None,
         where = ".".join(str(part) for part in first["loc"]) or "manifest"
         got = "" if first["type"] == "missing" else f" (got {first.get('input')!r})"
         raise ValueError(f"{path}: {where}: {first['msg']}{got}") from None
-    for field, expected in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
+    for field, expected in (("num_classes", num_classes), ("embedding_dim", embedding_dim),
+                            ("subcenters", subcenters)):
         if expected is not None and getattr(manifest, field) != expected:
             raise ValueError(f"{path}: {field} = {getattr(manifest, field)}, but the head has "
                              f"{field} = {expected}")
@@ -216,7 +245,7 @@ def _check_shard(directory: Path, manifest: HeadManifest, shard: ShardFile) -> N
     """The file's rows and tensor shapes are what the manifest says (headers only)."""
     path = directory / shard.file
     content = _load(path)
-    rows = (shard.stop - shard.start, manifest.embedding_dim)
+    rows = (shard.stop - shard.start, manifest.row_width)
     if (content.get("start"), content.get("stop")) != (shard.start, shard.stop):
         raise ValueError(f"{path}: rows [{content.get('start')}, {content.get('stop')}), but "
                          f"{MANIFEST_FILE} lists [{shard.start}, {shard.stop})")
@@ -233,7 +262,7 @@ def _copy_rows(directory: Path, manifest: HeadManifest, key: str | None,
     """Fill ``destination`` with rows ``[start, start + len(destination))`` of the weight
     (``key=None``) or of optimizer state ``key``, at most ``BUFFER_BYTES`` mapped at a time."""
     stop = start + len(destination)
-    row_bytes = max(1, manifest.embedding_dim * manifest.torch_dtype.itemsize)
+    row_bytes = max(1, manifest.row_width * manifest.torch_dtype.itemsize)
     block = max(1, BUFFER_BYTES // row_bytes)
     for shard in manifest.shards:
         for first in range(max(start, shard.start), min(stop, shard.stop), block):
@@ -260,8 +289,10 @@ def load_head_checkpoint(head: SampledSoftmaxHead, optimizer: torch.optim.Optimi
     ``optimizer=None`` restores the head only. Returns the manifest.
     """
     directory = Path(directory)
-    manifest = read_head_manifest(directory, head.num_classes, head.embedding_dim)
-    stateful = isinstance(head.loss, nn.Module)
+    manifest = read_head_manifest(directory, head.num_classes, head.embedding_dim,
+                                  head.subcenters)
+    state_module = _loss_state_module(head)
+    stateful = state_module is not None
     if manifest.loss_state != stateful:
         raise ValueError(f"{directory / MANIFEST_FILE}: loss_state = {manifest.loss_state}, but "
                          f"the head's loss {type(head.loss).__name__} "
@@ -285,10 +316,21 @@ def load_head_checkpoint(head: SampledSoftmaxHead, optimizer: torch.optim.Optimi
         for key in manifest.scalar_state:
             state[key] = _placed(optimizer, head.weight, key, shared["optimizer"][key])
         optimizer.state[head.weight] = state
-    if stateful:
-        head.loss.load_state_dict(shared["loss"])
+    if state_module is not None:
+        state_module.load_state_dict(shared["loss"])
+        saved = shared.get("loss_optimizer") or {}
+        if optimizer is not None:
+            for name, parameter in state_module.named_parameters():
+                if name in saved and _holds(optimizer, parameter):
+                    optimizer.state[parameter] = {
+                        key: _placed(optimizer, parameter, key, value)
+                        for key, value in saved[name].items()}
     head.step_count = manifest.step_count
     return manifest
+
+
+def _holds(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> bool:
+    return any(p is parameter for group in optimizer.param_groups for p in group["params"])
 
 
 def _placed(optimizer: torch.optim.Optimizer, weight: torch.Tensor, key: str, value: Any) -> Any:
@@ -330,11 +372,12 @@ def export_head_weights(source: str | Path, destination: str | Path) -> HeadMani
 @torch.no_grad()
 def merge_head_checkpoint(directory: str | Path, out_file: str | Path) -> torch.Size:
     """Write the full ``num_classes × embedding_dim`` centre matrix of a head checkpoint to one
-    ``torch.save`` file (``torch.load(out_file)`` is the tensor). Holds the output plus one
-    block of rows. Returns the matrix's shape."""
+    ``torch.save`` file (``torch.load(out_file)`` is the tensor; with K sub-centres it is
+    ``num_classes × K·embedding_dim``, class c's K rows side by side). Holds the output plus
+    one block of rows. Returns the matrix's shape."""
     directory = Path(directory)
     manifest = read_head_manifest(directory)
-    weight = torch.empty(manifest.num_classes, manifest.embedding_dim, dtype=manifest.torch_dtype)
+    weight = torch.empty(manifest.num_classes, manifest.row_width, dtype=manifest.torch_dtype)
     _copy_rows(directory, manifest, None, weight, 0)
     out_file = Path(out_file)
     temporary = out_file.with_name(f"{out_file.name}.tmp")

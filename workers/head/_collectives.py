@@ -9,7 +9,10 @@ own and nothing is rescaled by the world size anywhere:
 * ``local_rows``: a replicated global tensor → own rows by slicing; backward all-gather
   (every rank then holds the full gradient of the replicated tensor);
 * ``all_reduce_sum``: forward sum over ranks; backward identity (rank ``r``'s term has
-  derivative 1 in the sum).
+  derivative 1 in the sum);
+* ``replicated``: a tensor every rank computed identically (a loss's learnable state) used by
+  every rank; forward identity, backward all-reduce (sum) — every rank then holds the full
+  gradient, the sum of every rank's use.
 
 With ``shard.world_size == 1`` every op is the identity and no collective is called.
 """
@@ -101,6 +104,19 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+class _Replicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, shard: HeadShard) -> torch.Tensor:
+        ctx.shard = shard
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.shard.group)
+        return total, None
+
+
 def gather_rows(local: torch.Tensor, sizes: list[int], shard: HeadShard) -> torch.Tensor:
     """Global rows from local rows; backward reduce-scatters the gradient (sum over ranks)."""
     return local if shard.world_size == 1 else _GatherRows.apply(local, sizes, shard)
@@ -119,3 +135,10 @@ def local_rows(full: torch.Tensor, sizes: list[int], shard: HeadShard) -> torch.
 def all_reduce_sum(tensor: torch.Tensor, shard: HeadShard) -> torch.Tensor:
     """``Σ_ranks tensor``; backward passes the gradient through unchanged."""
     return tensor if shard.world_size == 1 else _AllReduceSum.apply(tensor, shard)
+
+
+def replicated(tensor: torch.Tensor, shard: HeadShard) -> torch.Tensor:
+    """``tensor`` (identical on every rank); backward all-reduces (sums) its gradient."""
+    if shard.world_size == 1 or not tensor.requires_grad:
+        return tensor
+    return _Replicated.apply(tensor, shard)

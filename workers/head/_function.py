@@ -22,6 +22,20 @@ every later per-row operation then follow ``r·C``, not ``C``).
 Saved for backward: ``x``, ``W`` (the parameter itself), ``index``, ``target``, ``lse`` and the
 K row norms; peak extra memory is O(B·chunk_size + B·D + K) plus the shard gradient (dense:
 ``C_shard × D``; sparse: ``K × D``).
+
+``LSEOptions`` extends the chunk pass for the modern losses, each a no-op at its default:
+
+* ``subcenters = K``: every weight row holds a class's K centre rows side by side (width
+  K·D); the chunk's logits are ``max_k x·Ŵ_{c,k}`` (autograd sends the gradient to the
+  arg-max row), normalisation is per sub-centre;
+* ``filter_threshold = τ > 0``: a logit above τ becomes 0 before φ (Partial FC's inter-class
+  filter; no gradient through it);
+* ``reduction = 'sum'``: ``Σ_{j≠y} φ(z_j)`` instead of the log-sum-exp (UniFace's per-class
+  terms): the same chunks and recompute, the shards joined by one all-reduce (sum); backward
+  ``p = ḡ`` instead of ``ḡ·exp(n − lse)``.
+
+``context`` (optional 6th input, ``(B, k)``): the loss's per-row context, passed to φ as
+``phi(z, context)``; its gradient (UniFace's learnable bias) is this shard's share, like ``dx``.
 """
 
 from __future__ import annotations
@@ -44,10 +58,13 @@ EPS = 1e-12
 class LSEOptions:
     """The non-tensor options of ``ChunkedLSE`` (its backward returns ``None`` for them).
 
-    ``phi``: the elementwise map of the logits; ``normalize_weights``: use ``Ŵ = W/‖W‖``;
-    ``chunk_size``: classes per chunk; ``shard``: the rows and the group of this rank;
-    ``compute_dtype``: the matmul dtype; ``sparse_weight_grad``: return the weight's gradient
-    as a sparse COO tensor of the sampled rows instead of a dense shard-sized one.
+    ``phi``: the elementwise map of the logits (``phi(z, context)`` when a context is given);
+    ``normalize_weights``: use ``Ŵ = W/‖W‖``; ``chunk_size``: classes per chunk; ``shard``:
+    the rows and the group of this rank; ``compute_dtype``: the matmul dtype;
+    ``sparse_weight_grad``: return the weight's gradient as a sparse COO tensor of the sampled
+    rows instead of a dense shard-sized one; ``subcenters``: centre rows per class (max over
+    them); ``filter_threshold``: inter-class filter τ (0: off); ``reduction``: ``'lse'`` or
+    ``'sum'`` of the negatives' terms.
     """
 
     phi: Phi
@@ -56,60 +73,81 @@ class LSEOptions:
     shard: HeadShard
     compute_dtype: torch.dtype
     sparse_weight_grad: bool = False
+    subcenters: int = 1
+    filter_threshold: float = 0.0
+    reduction: str = "lse"
 
 
 class ChunkedLSE(torch.autograd.Function):
     """The sharded, chunked log-sum-exp of the sampled negatives (see the module docstring).
 
-    ``apply(x, weight, index, target, options)``.
+    ``apply(x, weight, index, target, options[, context])``.
 
-    ``x``: (B, D) global rows; ``weight``: (C_shard, D) raw shard; ``index``: (K,) sorted
+    ``x``: (B, D) global rows; ``weight``: (C_shard, K·D) raw shard; ``index``: (n,) sorted
     sampled local rows; ``target``: (B,) position of each row's class in ``index`` or −1;
-    ``options``: ``LSEOptions``. Returns ``lse`` (B,) in float32 (float64 if ``x`` is).
+    ``options``: ``LSEOptions``; ``context``: (B, k) per-row context of φ or None. Returns
+    ``lse`` (B,) — or the sum, ``reduction='sum'`` — in float32 (float64 if ``x`` is).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
-                target: torch.Tensor, options: LSEOptions) -> torch.Tensor:
-        phi, chunk_size, shard = options.phi, options.chunk_size, options.shard
-        compute_dtype = options.compute_dtype
+                target: torch.Tensor, options: LSEOptions,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        chunk_size, shard = options.chunk_size, options.shard
+        compute_dtype, k, summed = options.compute_dtype, options.subcenters, _summed(options)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        lse = x.new_full((len(x),), float("-inf"), dtype=acc)
-        norms = weight.new_ones(len(index))
+        lse = x.new_full((len(x),), 0.0 if summed else float("-inf"), dtype=acc)
+        norms = weight.new_ones(len(index) * k)
         x_c = x.to(compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, len(index), chunk_size):
                 w = weight[_rows(index, len(weight), start, chunk_size)]
+                if k > 1:
+                    w = w.reshape(-1, x.shape[1])
                 if options.normalize_weights:
-                    norms[start : start + chunk_size] = norm = w.norm(dim=1)
+                    norms[start * k : (start + chunk_size) * k] = norm = w.norm(dim=1)
                     w = w / norm.clamp_min(EPS).unsqueeze(1)
-                n = phi((x_c @ w.to(compute_dtype).T).to(acc))
+                n = _negatives(x_c @ w.to(compute_dtype).T, acc, options, context)
+                if summed:
+                    _mask_targets(n, target, start, 0.0)
+                    lse += n.sum(dim=1)
+                    continue
                 _mask_targets(n, target, start, -float("inf"))
                 row_max = _finite_or_zero(n.amax(dim=1))
                 chunk_sum = n.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)
                 lse = torch.logaddexp(lse, chunk_sum.log_().add_(row_max))
-        if shard.world_size > 1:
+        if shard.world_size > 1 and summed:
+            dist.all_reduce(lse, op=dist.ReduceOp.SUM, group=shard.group)
+        elif shard.world_size > 1:
             row_max = lse.clone()
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
             row_max = _finite_or_zero(row_max)
             total = torch.exp(lse - row_max)
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=shard.group)
             lse = total.log_().add_(row_max)
-        ctx.save_for_backward(x, weight, index, target, lse, norms)
+        ctx.save_for_backward(x, weight, index, target, lse, norms, context)
         ctx.options = options
         return lse
 
     @staticmethod
     def backward(ctx: Any, grad_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, index, target, lse, norms = ctx.saved_tensors
+        x, weight, index, target, lse, norms, context = ctx.saved_tensors
         options: LSEOptions = ctx.options
-        phi, chunk_size, compute_dtype = options.phi, options.chunk_size, options.compute_dtype
-        # p = ḡ·exp(n − lse) = sign(ḡ)·exp(n − shift); the sign is applied on the B × D side
+        chunk_size, compute_dtype, k = options.chunk_size, options.compute_dtype, options.subcenters
+        summed = _summed(options)
+        # p = ḡ·exp(n − lse) = sign(ḡ)·exp(n − shift) (sum: p = ḡ = sign(ḡ)·|ḡ|); the sign is
+        # applied on the B × D side
         shift = (_finite_or_zero(lse) - grad_lse.abs().log()).unsqueeze(1)
         sign = grad_lse.sign().unsqueeze(1)
         x_c = x.to(compute_dtype)
         x_signed = x_c * sign.to(compute_dtype)
         grad_x = torch.zeros_like(x, dtype=lse.dtype)
+        context_leaf, grad_context = None, None
+        if context is not None and ctx.needs_input_grad[5]:
+            context_leaf = context.detach().requires_grad_()
+            grad_context = torch.zeros_like(context)
+        elif context is not None:
+            context_leaf = context.detach()
         if options.sparse_weight_grad:
             grad_rows = weight.new_empty((len(index), weight.shape[1]))
         else:  # every row is written below when the whole shard is sampled
@@ -119,29 +157,60 @@ class ChunkedLSE(torch.autograd.Function):
             for start in range(0, len(index), chunk_size):
                 rows = _rows(index, len(weight), start, chunk_size)
                 w_hat = weight[rows].detach()
+                if k > 1:
+                    w_hat = w_hat.reshape(-1, x.shape[1])
                 if options.normalize_weights:
-                    norm = norms[start : start + chunk_size]
+                    norm = norms[start * k : (start + chunk_size) * k]
                     w_hat = w_hat / norm.clamp_min(EPS).unsqueeze(1)
                 w_c = w_hat.to(compute_dtype)
                 with torch.enable_grad():
                     z = (x_c @ w_c.T).requires_grad_()
-                    n = phi(z.to(lse.dtype))
-                p = torch.sub(n.detach(), shift).exp_()
+                    n = _negatives(z, lse.dtype, options, context_leaf)
+                if summed:
+                    p = grad_lse.abs().unsqueeze(1).expand_as(n).clone()
+                else:
+                    p = torch.sub(n.detach(), shift).exp_()
                 _mask_targets(p, target, start, 0.0)
-                (dz,) = torch.autograd.grad(n, z, p)
+                inputs = (z,) if grad_context is None else (z, context_leaf)
+                dz, *d_context = torch.autograd.grad(n, inputs, p)
+                if grad_context is not None:
+                    grad_context.add_(d_context[0])
                 grad_x.add_(dz @ w_c)
                 grad_w_hat = (dz.T @ x_signed).to(weight.dtype)
                 if options.normalize_weights:
                     dot = torch.linalg.vecdot(w_hat, grad_w_hat) * (norm >= EPS)
                     grad_w_hat.addcmul_(w_hat, dot.unsqueeze(1), value=-1)
                     grad_w_hat.div_(norm.clamp_min(EPS).unsqueeze(1))
+                if k > 1:
+                    grad_w_hat = grad_w_hat.reshape(-1, weight.shape[1])
                 grad_rows[slice(start, start + chunk_size) if options.sparse_weight_grad
                           else rows] = grad_w_hat
         grad_w = grad_rows
         if options.sparse_weight_grad:  # ``index`` is sorted and unique: already coalesced
             grad_w = torch.sparse_coo_tensor(index.unsqueeze(0), grad_rows, weight.shape,
                                              is_coalesced=True, check_invariants=False)
-        return grad_x.mul_(sign).to(x.dtype), grad_w, None, None, None
+        if grad_context is not None:
+            grad_context.mul_(sign.to(grad_context.dtype))
+        return grad_x.mul_(sign).to(x.dtype), grad_w, None, None, None, grad_context
+
+
+def _summed(options: LSEOptions) -> bool:
+    """Whether the negatives' terms are summed (``'sum'``) rather than log-sum-exped."""
+    if options.reduction not in ("lse", "sum"):
+        raise ValueError(f"reduction = {options.reduction!r} must be 'lse' or 'sum'")
+    return options.reduction == "sum"
+
+
+def _negatives(products: torch.Tensor, acc: torch.dtype, options: LSEOptions,
+               context: torch.Tensor | None) -> torch.Tensor:
+    """φ of a chunk's logits: the raw products (B, chunk·K) in the accumulation dtype, the
+    max over each class's K sub-centres, the inter-class filter, then φ."""
+    z = products.to(acc)
+    if options.subcenters > 1:
+        z = z.unflatten(1, (-1, options.subcenters)).max(dim=2).values
+    if options.filter_threshold > 0:
+        z = z.masked_fill(z > options.filter_threshold, 0.0)
+    return options.phi(z) if context is None else options.phi(z, context)
 
 
 def _rows(index: torch.Tensor, shard_size: int, start: int,

@@ -11,10 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from workers.losses import MarginLoss, Target
+from workers.losses import Batch, LossState, MarginLoss, Target, check_filter_threshold
 from workers.seeding import derive_seed
 
-from ._collectives import all_gather_rows, all_reduce_sum, gather_rows, local_rows, scatter_rows_sum
+from ._collectives import (
+    all_gather_rows,
+    all_reduce_sum,
+    gather_rows,
+    local_rows,
+    replicated,
+    row_offset,
+    scatter_rows_sum,
+)
 from ._function import ChunkedLSE, LSEOptions
 from ._partition import HeadShard
 from ._sampling import SampledClasses, sample_classes
@@ -92,6 +100,24 @@ class SampledSoftmaxHead(nn.Module):
     ``step``: pass it to ``forward``, or leave ``None`` to use ``step_count``, which every
     training-mode forward that does so increments. It seeds the sampling and is ``Target.step``.
 
+    The modern losses (``workers.losses`` module docstring):
+
+    * per-row context: for a loss that ``needs_batch``, every global row's target logit (a
+      detached all-reduce of B values) and ‖x‖ (gathered) go to ``loss.prepare``, which —
+      identically on every rank — updates ``loss_state`` (training mode only) and returns
+      the ``(B, k)`` context for ψ (own rows) and φ (every row, in the chunk pass). Per-row
+      random draws come from ``(seed, step, global row)``;
+    * ``loss_state``: a ``LossState`` module (buffers such as CurricularFace's ``t``,
+      parameters such as UniFace's ``b``; None for a stateless loss). Its parameters are
+      replicated: their gradient is all-reduced, so every rank holds the same value and
+      gradient. It travels in the head checkpoint;
+    * sub-centres (``loss.subcenters = K``): ``weight`` is ``C_shard × K·D`` (class c's K
+      rows side by side); sampling is by class; cos θ_j is the max over the K rows;
+    * ``filter_threshold = τ`` (keyword): Partial FC's inter-class filter, negatives with
+      cos θ_j > τ count with cos θ_j = 0 (0 = off; losses with cosine logits only);
+    * ``loss.reduction = 'sum'`` (UniFace): the negatives' per-class terms are summed by the
+      same chunked Function.
+
     ``chunk_size``: classes per chunk of the log-sum-exp (peak extra memory O(B·chunk + B·D)
     plus the shard gradient); ``None`` picks ``AUTO_CHUNK_LOGITS / B_global``. Under autocast
     the embeddings are exchanged and the chunk products run in the autocast dtype, the
@@ -112,6 +138,7 @@ class SampledSoftmaxHead(nn.Module):
         *,
         seed: int = 0,
         unsampled_rows: UnsampledRows = "dense",
+        filter_threshold: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -127,12 +154,19 @@ class SampledSoftmaxHead(nn.Module):
         if unsampled_rows not in typing.get_args(UnsampledRows):
             raise ValueError(f"unsampled_rows = {unsampled_rows!r} must be one of "
                              f"{set(typing.get_args(UnsampledRows))}")
+        check_filter_threshold(loss, filter_threshold)
         self.shard = HeadShard.from_num_classes(num_classes, process_group)
         self.embedding_dim, self.num_classes, self.loss = embedding_dim, num_classes, loss
         self.sample_ratio, self.sampling, self.chunk_size = sample_ratio, sampling, chunk_size
         self.seed, self.unsampled_rows = seed, unsampled_rows
-        rows = initial_rows(seed, self.shard.start, self.shard.stop, embedding_dim)
+        self.filter_threshold, self.subcenters = filter_threshold, int(loss.subcenters)
+        rows = initial_rows(seed, self.shard.start, self.shard.stop,
+                            embedding_dim * self.subcenters)
         self.weight = nn.Parameter(rows.to(device=device, dtype=dtype))
+        state = LossState(loss, num_classes, sample_ratio, device=device,
+                          dtype=dtype or torch.float32)
+        #: the loss's state (buffers and replicated parameters), None for a stateless loss
+        self.loss_state: LossState | None = state if len(state) else None
         self.step_count = 0
         self.last_sample: torch.Tensor | None = None
         #: ``[Σ P, Σ LSE(N)]`` over this rank's rows and this shard's sample size, detached,
@@ -147,7 +181,8 @@ class SampledSoftmaxHead(nn.Module):
         return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
                 f"shard=[{self.shard.start}, {self.shard.stop}), loss={self.loss.describe()}, "
                 f"sample_ratio={self.sample_ratio}, sampling={self.sampling!r}, "
-                f"chunk_size={self.chunk_size}, unsampled_rows={self.unsampled_rows!r}")
+                f"chunk_size={self.chunk_size}, unsampled_rows={self.unsampled_rows!r}"
+                + (f", filter_threshold={self.filter_threshold}" if self.filter_threshold else ""))
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 step: int | None = None) -> torch.Tensor:
@@ -174,20 +209,29 @@ class SampledSoftmaxHead(nn.Module):
         if self.unsampled_rows == "frozen" and torch.is_grad_enabled():
             self._touched[sample.index.to(self._touched.device)] = True
 
+        context = None
+        if loss.needs_batch:
+            context = self._context(x_global, labels, sample, local_embeddings, sizes, step, acc)
         # LSE first: autograd then runs the (later-created) target branch first, so the target
         # rows' sparse gradient is added in place into the LSE's dense shard gradient instead of
         # a second dense C_shard × D tensor being allocated for the sum
-        lse = local_rows(self._negative_lse(x_global, sample), sizes, shard)
+        lse = local_rows(self._negative_lse(x_global, sample, context), sizes, shard)
         target_values = scatter_rows_sum(self._owned_targets(x_global, labels, sample, acc),
                                          sizes, shard)
         norm = local_embeddings.norm(dim=1).to(acc)
+        if context is not None:
+            start = row_offset(sizes, shard.rank)
+            context = context[start : start + sizes[shard.rank]]
         target = Target(logit=target_values[:, 0], embedding_norm=norm,
-                        weight_norm=target_values[:, 1], step=step)
+                        weight_norm=target_values[:, 1], step=step, context=context)
         virtual = loss.virtual_logit(target)
         if virtual is not None:
             lse = torch.logaddexp(lse, virtual)
         positive = loss.positive_logit(target)
         per_sample = loss.combine(positive, lse)
+        extra = loss.regularizer(target)
+        if extra is not None:
+            per_sample = per_sample + extra
         self.last_statistics = torch.stack([
             positive.detach().sum(), lse.detach().clamp_min(-1e30).sum(),
             positive.new_tensor(float(len(sample.index)))]).double()
@@ -195,36 +239,85 @@ class SampledSoftmaxHead(nn.Module):
 
     def _owned_targets(self, x_global: torch.Tensor, labels: torch.Tensor,
                        sample: SampledClasses, acc: torch.dtype) -> torch.Tensor:
-        """(B_global, 2): ``[x̃·W̃_y, ‖W_y‖]`` for rows whose class is in this shard, else 0."""
+        """(B_global, 2): ``[x̃·W̃_y, ‖W_y‖]`` for rows whose class is in this shard, else 0
+        (K sub-centres: the closest sub-centre's cosine and norm)."""
         owned = (sample.target >= 0).nonzero().squeeze(1)
         w_y = F.embedding(labels[owned] - self.shard.start, self.weight, sparse=True)
+        if self.subcenters > 1:
+            return self._owned_subcenter_targets(x_global, owned, w_y, acc)
         w_hat_y = F.normalize(w_y, dim=1) if self.loss.normalize_weights else w_y
         values = torch.stack([(x_global[owned].to(acc) * w_hat_y.to(acc)).sum(dim=1),
                               w_y.to(acc).norm(dim=1)], dim=1)
         return values.new_zeros((len(x_global), 2)).index_put((owned,), values)
 
-    def _negative_lse(self, x_global: torch.Tensor, sample: SampledClasses) -> torch.Tensor:
-        """The replicated (B_global,) ``LSE_{j≠y, j sampled}(φ(z_j))`` over every shard.
+    def _owned_subcenter_targets(self, x_global: torch.Tensor, owned: torch.Tensor,
+                                 w_y: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        w_y = w_y.unflatten(1, (self.subcenters, self.embedding_dim)).to(acc)
+        w_hat_y = F.normalize(w_y, dim=2) if self.loss.normalize_weights else w_y
+        cos, closest = (w_hat_y @ x_global[owned].to(acc).unsqueeze(2)).squeeze(2).max(dim=1)
+        norms = w_y.norm(dim=2).gather(1, closest.unsqueeze(1)).squeeze(1)
+        values = torch.stack([cos, norms], dim=1)
+        return values.new_zeros((len(x_global), 2)).index_put((owned,), values)
+
+    def _context(self, x_global: torch.Tensor, labels: torch.Tensor, sample: SampledClasses,
+                 local_embeddings: torch.Tensor, sizes: list[int], step: int,
+                 acc: torch.dtype) -> torch.Tensor | None:
+        """The loss's per-row context of the global batch (updating its state when training):
+        every row's target logit (a detached all-reduce over the shards) and ‖x‖ (gathered)."""
+        shard = self.shard
+        with torch.no_grad():
+            targets = self._owned_targets(x_global, labels, sample, acc)[:, 0].contiguous()
+            if shard.world_size > 1:
+                dist.all_reduce(targets, op=dist.ReduceOp.SUM, group=shard.group)
+            norms = all_gather_rows(local_embeddings.detach().norm(dim=1).to(acc), sizes, shard)
+        batch = Batch(targets, norms, step, self.seed, update=self.training)
+        context = self.loss.prepare(batch, self.loss_state)
+        return None if context is None else replicated(context, shard)
+
+    def _negative_lse(self, x_global: torch.Tensor, sample: SampledClasses,
+                      context: torch.Tensor | None = None) -> torch.Tensor:
+        """The replicated (B_global,) ``LSE_{j≠y, j sampled}(φ(z_j))`` over every shard (the
+        sum of the φ terms for ``loss.reduction = 'sum'``).
 
         The base-class ``φ(z) = s·z`` is folded into the embeddings, ``s·(x̃·Ŵ) = (s·x̃)·Ŵ``:
-        one pass fewer over the B × K logits in forward and two in backward.
+        one pass fewer over the B × K logits in forward and two in backward (not with the
+        inter-class filter, which compares cosines).
         """
         loss = self.loss
-        linear_phi = type(loss).phi is MarginLoss.phi
+        linear_phi = type(loss).phi is MarginLoss.phi and not self.filter_threshold
         options = LSEOptions(
             phi=_identity if linear_phi else loss.phi, normalize_weights=loss.normalize_weights,
             chunk_size=self._chunk_size(x_global), shard=self.shard,
             compute_dtype=self._compute_dtype(x_global),
-            sparse_weight_grad=self.unsampled_rows == "sparse")
-        return ChunkedLSE.apply(x_global * loss.scale_value() if linear_phi else x_global,
-                                self.weight, sample.index, sample.target, options)
+            sparse_weight_grad=self.unsampled_rows == "sparse", subcenters=self.subcenters,
+            filter_threshold=self.filter_threshold, reduction=loss.reduction)
+        x = x_global * loss.scale_value() if linear_phi else x_global
+        if context is not None and loss.context_in_phi:
+            return ChunkedLSE.apply(x, self.weight, sample.index, sample.target, options, context)
+        return ChunkedLSE.apply(x, self.weight, sample.index, sample.target, options)
 
     def _chunk_size(self, x: torch.Tensor) -> int:
         """``chunk_size``, or the auto size: a fixed logit budget over the global batch rows."""
         if self.chunk_size is not None:
             return self.chunk_size
         budget = AUTO_CHUNK_LOGITS["cpu" if x.device.type == "cpu" else "accelerator"]
-        return max(1, budget // len(x))
+        return max(1, budget // (len(x) * self.subcenters))
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """The loss state's parameters: the same on every rank, gradients already summed."""
+        return [] if self.loss_state is None else list(self.loss_state.parameters())
+
+    def loss_state_values(self) -> dict[str, float]:
+        """The loss state by name (``{}`` for a stateless loss); identical on every rank."""
+        return {} if self.loss_state is None else self.loss_state.values()
+
+    def class_centres(self) -> torch.Tensor:
+        """(C_shard, D) centres: the weight, or for K sub-centres the normalised sum of each
+        class's normalised sub-centres (the direction of their mean)."""
+        if self.subcenters == 1:
+            return self.weight
+        rows = F.normalize(self.weight.unflatten(1, (self.subcenters, self.embedding_dim)), dim=2)
+        return F.normalize(rows.sum(dim=1), dim=1)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The autocast dtype when autocast is on for ``x``'s device, else the promoted dtype."""

@@ -9,41 +9,60 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import (
+    Batch,
     Choice,
     HyperparameterSpec,
     Interval,
     MarginLoss,
     Target,
 )
-from ._reference import raw_logits, reference_loss
+from ._reference import check_filter_threshold, filter_negatives, raw_logits, reference_loss
+from ._state import LossState
+from .adaface import AdaFace
 from .arcface import ArcFace
 from .combined import CombinedMargin
 from .cosface import CosFace
+from .curricularface import CurricularFace
 from .dsoftmax import DSoftmax
+from .elasticface import ElasticFaceArc, ElasticFaceCos
+from .magface import MagFace
 from .normface import NormFace
 from .softmax import Softmax
 from .sosoftmax import SOSoftmax
 from .sphereface import SphereFace
 from .sphereface_r import SphereFaceR
+from .subcenter_arcface import SubcenterArcFace
+from .uniface import UniFace
 from .virtual import VirtualSoftmax
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
+    "Batch",
     "Choice",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "DSoftmax",
+    "ElasticFaceArc",
+    "ElasticFaceCos",
     "HyperparameterSpec",
     "Interval",
+    "LossState",
+    "MagFace",
     "MarginLoss",
     "NormFace",
     "SOSoftmax",
     "Softmax",
     "SphereFace",
     "SphereFaceR",
+    "SubcenterArcFace",
     "Target",
+    "UniFace",
     "VirtualSoftmax",
     "build_loss",
+    "check_filter_threshold",
+    "filter_negatives",
     "get_loss_class",
     "list_losses",
     "raw_logits",
@@ -76,8 +95,9 @@ def get_loss_class(name: str) -> type[MarginLoss]:
         raise KeyError(f"unknown loss {name!r}; known: {list_losses()}") from None
 
 
-def build_loss(name: str, **hyperparameters: Any) -> MarginLoss:
-    """Construct the loss ``name``; unknown or out-of-range hyperparameters raise one line."""
+def build_loss(name: str, /, **hyperparameters: Any) -> MarginLoss:
+    """Construct the loss ``name``; unknown or out-of-range hyperparameters (``name`` among
+    them) raise one line."""
     cls = get_loss_class(name)
     known = {spec.name for spec in cls.hyperparameters()}
     unknown = sorted(set(hyperparameters) - known)
@@ -87,5 +107,6 @@ def build_loss(name: str, **hyperparameters: Any) -> MarginLoss:
 
 
 for _cls in (Softmax, NormFace, SphereFace, SphereFaceR, CosFace, ArcFace, CombinedMargin,
-             DSoftmax, SOSoftmax, VirtualSoftmax):
+             DSoftmax, SOSoftmax, VirtualSoftmax, CurricularFace, MagFace, AdaFace, ElasticFaceArc,
+             ElasticFaceCos, SubcenterArcFace, UniFace):
     register_loss(_cls)

@@ -31,10 +31,14 @@ def run(batch: int = 64, dim: int = 128, classes: int = 1000, seed: int = 0,
     rows = []
     for name in list_losses():
         loss = build_loss(name)
+        centres = weights
+        if loss.subcenters > 1:  # K sub-centres per class: K·dim values per row
+            gen = torch.Generator().manual_seed(seed + 1)
+            centres = torch.randn(classes, dim * loss.subcenters, generator=gen) / dim**0.5
         times = []
         for _ in range(repeats + 1):  # the first pass is a warm-up
             e = embeddings.clone().requires_grad_()
-            w = weights.clone().requires_grad_()
+            w = centres.clone().requires_grad_()
             start = time.perf_counter()
             value = reference_loss(loss, e, w, labels)
             grad_e, grad_w = torch.autograd.grad(value, (e, w))

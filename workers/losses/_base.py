@@ -13,6 +13,15 @@ the loss for three small pieces:
 A loss may add one extra negative per row (``virtual_logit``, Virtual Softmax). Every loss is a
 frozen dataclass whose fields are its hyperparameters; each field declares its allowed range,
 and construction validates every field with a one-line ``ValueError``.
+
+The modern losses need a little more, and get it through one idea, *per-row context*: once
+per step ``prepare(batch, state)`` sees the whole global batch (every row's target logit and
+embedding norm, detached, the same on every rank), updates the loss's state (``LossState``:
+EMA buffers, learnable scalars) and returns a ``(B, k)`` tensor of per-row values that
+reaches ``psi`` (``Target.context``, this rank's rows) and ``phi`` (``phi(z, context)``,
+every row). Three class attributes complete it: ``reduction`` (``'lse'`` or ``'sum'`` of the
+per-class negative terms), ``subcenters`` (K centre rows per class, max over K) and
+``regularizer`` (a per-row term added to the loss).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 
 MarginGrad = Literal["true", "detached"]
 MARGIN_GRAD_CHOICES: tuple[str, ...] = ("true", "detached")
+Reduction = Literal["lse", "sum"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,32 @@ class Target:
     embedding_norm: torch.Tensor
     weight_norm: torch.Tensor
     step: int = 0
+    #: ``(B, k)`` per-row context from ``MarginLoss.prepare`` (these rows), or None: the loss
+    #: then prepares these rows as a batch of their own, from its initial state, no seed
+    context: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The whole global batch as ``MarginLoss.prepare`` sees it (identical on every rank).
+
+    ``target``: every row's raw target logit (detached); ``embedding_norm``: every row's ‖x‖
+    (detached); ``step``: the optimisation step; ``seed``: the run's seed — per-row random
+    draws come from ``(seed, step, global row)`` — or None for no randomness; ``update``:
+    whether this step updates the loss's state (training) or only reads it.
+    """
+
+    target: torch.Tensor
+    embedding_norm: torch.Tensor
+    step: int = 0
+    seed: int | None = None
+    update: bool = True
+
+    @classmethod
+    def of(cls, target: Target) -> Batch:
+        """``target``'s rows as a batch of their own, without randomness or state update."""
+        return cls(target.logit.detach(), target.embedding_norm.detach(), target.step, None,
+                   update=False)
 
 
 @dataclass(frozen=True)
@@ -120,6 +156,15 @@ class MarginLoss:
     name: ClassVar[str]
     normalize_embeddings: ClassVar[bool] = True
     normalize_weights: ClassVar[bool] = True
+    #: how the negatives' terms N_j are reduced: ``'lse'`` (log-sum-exp, the softmax family)
+    #: or ``'sum'`` (a sum of per-class terms, UniFace's UCE)
+    reduction: ClassVar[Reduction] = "lse"
+    #: centre rows per class (Sub-center ArcFace: cos θ_j = max over the class's K rows)
+    subcenters: ClassVar[int] = 1
+    #: names in ``initial_state`` that are learnable (parameters, not buffers)
+    learnable_state: ClassVar[tuple[str, ...]] = ()
+    #: whether ``phi`` takes the per-row context: ``phi(z, context)`` (else ``phi(z)``)
+    context_in_phi: ClassVar[bool] = False
     #: the cosine-space clamp used wherever a gradient flows through √(1 − c²) or arccos
     eps: ClassVar[float] = 1e-7
 
@@ -151,8 +196,20 @@ class MarginLoss:
         raise NotImplementedError
 
     def phi(self, logits: torch.Tensor) -> torch.Tensor:
-        """Negative logits ``N_j``, elementwise over raw logits (default ``s·z``)."""
+        """Negative logits ``N_j``, elementwise over raw logits (default ``s·z``).
+
+        A loss with ``context_in_phi`` defines ``phi(logits, context)``: ``context`` is the
+        ``(B, k)`` per-row context of ``prepare`` for the rows of ``logits`` (B × classes), so
+        row i's logits may depend on ``context[i]``; with ``reduction = 'sum'`` φ returns the
+        per-class terms that are summed.
+        """
         return self.scale_value() * logits
+
+    def negatives(self, logits: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """``phi(logits, context)`` or ``phi(logits)``, as the loss declares."""
+        if self.context_in_phi:
+            return self.phi(logits, context)  # type: ignore[call-arg]
+        return self.phi(logits)
 
     def combine(self, positive: torch.Tensor, lse_negative: torch.Tensor) -> torch.Tensor:
         """Per-sample loss from ``P`` and ``LSE(N)``: ``softplus(LSE(N) − P)`` (cross-entropy)."""
@@ -161,6 +218,42 @@ class MarginLoss:
     def virtual_logit(self, target: Target) -> torch.Tensor | None:
         """An extra negative logit per row (only Virtual Softmax has one)."""
         return None
+
+    # --- per-row context and state (only the losses that need them override these) ---------
+    def initial_state(self, num_classes: int, sample_ratio: float) -> dict[str, float]:
+        """The loss's state before the first step, by name (empty: stateless)."""
+        return {}
+
+    def prepare(self, batch: Batch, state: Any) -> torch.Tensor | None:
+        """Once per step, from the global ``batch``: update ``state`` (a ``LossState``) in
+        place when ``batch.update`` and return the ``(B, k)`` per-row context (or None)."""
+        return None
+
+    def regularizer(self, target: Target) -> torch.Tensor | None:
+        """A per-row term added to the per-sample loss (MagFace's λ_g·g(‖x‖)), or None."""
+        return None
+
+    @property
+    def needs_batch(self) -> bool:
+        """Whether ``prepare`` must see the global batch each step."""
+        return type(self).prepare is not MarginLoss.prepare
+
+    @property
+    def cosine_logits(self) -> bool:
+        """Whether the raw logits are cosines (both x and W normalised)."""
+        return self.normalize_embeddings and self.normalize_weights
+
+    def context_for(self, target: Target) -> torch.Tensor | None:
+        """``target.context``, or the context of ``target``'s rows as a batch of their own (a
+        fresh initial state, no randomness) when the loss needs one and none was given."""
+        if target.context is not None or not self.needs_batch:
+            return target.context
+        from ._state import LossState  # the state module imports this one
+
+        state = LossState(self, 1, 1.0, device=target.logit.device,
+                          dtype=torch.promote_types(target.logit.dtype, torch.float32))
+        context = self.prepare(Batch.of(target), state)
+        return None if context is None else context.detach()
 
     # --- helpers the head and the reference share ---------------------------------------
     def scale_value(self) -> float:

@@ -56,8 +56,9 @@ def test_parse_reports_one_line_per_problem() -> None:
 
 def test_check_data_config_finds_missing_files_without_loading(tmp_path, monkeypatch) -> None:
     (tmp_path / "faces").mkdir()
-    config = check_data_config({"source": "image_folder", "path": str(tmp_path / "faces")})
-    assert config.path == str(tmp_path / "faces")  # an empty folder passes: load_dataset decides
+    with pytest.raises(ValueError, match="no identity sub-folders") as error:  # indexed as
+        check_data_config({"source": "image_folder", "path": str(tmp_path / "faces")})  # loaded
+    assert_one_line(error, tmp_path / "faces")
     with pytest.raises(FileNotFoundError) as error:
         check_data_config({"source": "recordio", "path": str(tmp_path / "rec")})
     assert_one_line(error, tmp_path / "rec")

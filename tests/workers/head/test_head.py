@@ -32,7 +32,9 @@ def make_head(loss: str = "arcface", **kwargs: Any) -> SampledSoftmaxHead:
                               **{"chunk_size": 4, **kwargs})
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(NUM_CLASSES, DIM, generator=generator, dtype=torch.float64))
+        # (K sub-centres: the weight's K·D columns)
+        head.weight.copy_(torch.randn(NUM_CLASSES, head.weight.shape[1], generator=generator,
+                                      dtype=torch.float64))
     return head
 
 

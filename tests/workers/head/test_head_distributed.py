@@ -60,6 +60,17 @@ def build_case_loss(name: str) -> Any:
     return build_loss(name, scale=8.0) if has_scale else build_loss(name)
 
 
+def case_weight(loss: Any, weight: torch.Tensor) -> torch.Tensor:
+    """The centre matrix for ``loss``: ``weight``, or for K sub-centres (C, K·DIM) with
+    sub-centre 0 = ``weight`` and the others seeded random rows."""
+    if loss.subcenters == 1:
+        return weight
+    generator = torch.Generator().manual_seed(7)
+    others = torch.randn(NUM_CLASSES, (loss.subcenters - 1) * DIM, generator=generator,
+                         dtype=torch.float64)
+    return torch.cat([weight, others], dim=1)
+
+
 def make_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global embeddings (12 × 5), the full centre matrix (13 × 5), labels; same on every rank."""
     generator = torch.Generator().manual_seed(0)
@@ -96,7 +107,7 @@ def _worker(rank: int, world_size: int, out_dir: Path) -> None:
                                   case.sampling, group, case.chunk_size, seed=SEED,
                                   dtype=torch.float64)
         with torch.no_grad():
-            head.weight.copy_(weight[head.shard.start : head.shard.stop])
+            head.weight.copy_(case_weight(head.loss, weight)[head.shard.start : head.shard.stop])
         steps = []
         for step in case.steps:
             head.zero_grad()
@@ -150,8 +161,8 @@ def test_matches_reference(distributed: Any, world_size: int, case_name: str) ->
         if case.sample_ratio == 1.0 and case.sampling == "uniform":
             assert torch.equal(classes, torch.arange(NUM_CLASSES))
         x = embeddings.clone().requires_grad_()
-        w = weight.clone().requires_grad_()
-        expected = reference_loss(loss, x, w, labels, step=step, classes=classes)
+        w = case_weight(loss, weight).clone().requires_grad_()
+        expected = reference_loss(loss, x, w, labels, step=step, classes=classes, seed=SEED)
         expected.backward()
         for record in per_rank:
             torch.testing.assert_close(record["loss"], expected.detach(), rtol=0, atol=1e-10)

@@ -28,6 +28,8 @@ class Case:
     name: str
     hyperparameters: dict[str, Any]
     step: int = 0
+    #: whether the reference's finite differences match its analytical gradient
+    gradcheck: bool = True
 
     @property
     def id(self) -> str:
@@ -76,6 +78,32 @@ CASES: tuple[Case, ...] = (
     Case("sosoftmax", {"scale": 8.0, "lambda_p": 2.0, "lambda_n": 2.0, **_DETACHED}),
     Case("virtual", {}),
     Case("virtual", {"normalized": True, "scale": 8.0}),
+    # the modern zoo; ``gradcheck=False`` where the forward depends on detached batch
+    # statistics of the inputs themselves (t, μ, σ, ẑ): finite differences see them move,
+    # the (correct, stop-gradient) analytical gradient does not — test_zoo.py gradchecks
+    # those with the context held fixed
+    Case("curricularface", {"scale": 8.0, "t_alpha": 0.0}),
+    Case("curricularface", {"scale": 8.0}, gradcheck=False),
+    Case("curricularface", {"scale": 6.0, "margin": 0.3, **_DETACHED}, gradcheck=False),
+    Case("magface", {"scale": 8.0}),
+    Case("magface", {"scale": 8.0, "l_a": 0.5, "u_a": 60.0, "l_m": 0.3, "u_m": 0.9,
+                     "lambda_g": 2.0}),
+    Case("magface", {"scale": 8.0, "l_a": 0.5, "u_a": 60.0, "easy_margin": True}),
+    Case("magface", {"scale": 8.0, "l_a": 0.5, "u_a": 60.0, **_DETACHED}),
+    Case("adaface", {"scale": 8.0, "h": 0.0}),
+    Case("adaface", {"scale": 8.0}, gradcheck=False),
+    Case("adaface", {"scale": 6.0, "margin": 0.5, "h": 1.0, "t_alpha": 1.0}, gradcheck=False),
+    Case("elasticface_arc", {"scale": 8.0}, step=3),
+    Case("elasticface_arc", {"scale": 8.0, "sigma": 0.1, "plus": True}, step=5),
+    Case("elasticface_arc", {"scale": 8.0, **_DETACHED}, step=3),
+    Case("elasticface_cos", {"scale": 8.0}, step=3),
+    Case("elasticface_cos", {"scale": 8.0, "sigma": 0.1, "plus": True}, step=7),
+    Case("subcenter_arcface", {"scale": 8.0}),
+    Case("subcenter_arcface", {"scale": 6.0, "margin": 0.3, "subcenters": 2}),
+    Case("subcenter_arcface", {"scale": 8.0, "subcenters": 1}),
+    Case("subcenter_arcface", {"scale": 8.0, **_DETACHED}),
+    Case("uniface", {"scale": 8.0}),
+    Case("uniface", {"scale": 6.0, "margin": 0.2, "lambda_n": 0.5}),
 )
 
 
@@ -114,6 +142,21 @@ def make_batch(
         rows.append(norm * (c * w + math.sqrt(1.0 - c * c) * u))
     embeddings = torch.stack(rows)
     return embeddings.to(dtype), weights.to(dtype), torch.tensor(labels)
+
+
+def expand_centres(loss: MarginLoss, weights: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """Centres for ``loss``: ``weights`` (C, D) itself, or for K sub-centres a (C, K·D) matrix
+    whose sub-centre 0 of each class is ``weights``' row and the others random rows of the
+    same norm (so a batch built around ``weights`` keeps its chosen target angles as a
+    lower bound, and cos θ_y = 1 where an embedding equals its centre)."""
+    k = int(loss.subcenters)
+    if k == 1:
+        return weights
+    gen = torch.Generator().manual_seed(seed + 1000)
+    others = torch.randn(weights.shape[0], k - 1, weights.shape[1], generator=gen,
+                         dtype=torch.float64).to(weights.dtype)
+    others = others / others.norm(dim=2, keepdim=True) * weights.norm(dim=1)[:, None, None]
+    return torch.cat([weights.unsqueeze(1), others], dim=1).flatten(1).detach()
 
 
 def random_batch(

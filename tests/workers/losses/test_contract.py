@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cases import assert_non_increasing, grid_target, make_batch, random_batch
+from _cases import assert_non_increasing, expand_centres, grid_target, make_batch, random_batch
 from _formulas import naive_loss
 
 from workers.losses import (
@@ -34,7 +34,7 @@ HOOKS = ("psi", "phi", "combine", "scale_value", "virtual_logit")
 def _grads(loss: MarginLoss, embeddings: torch.Tensor, weights: torch.Tensor,
            labels: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     e = embeddings.detach().clone().requires_grad_()
-    w = weights.detach().clone().requires_grad_()
+    w = expand_centres(loss, weights).detach().clone().requires_grad_()
     value = reference_loss(loss, e, w, labels, **kw)  # type: ignore[arg-type]
     value.sum().backward()
     assert e.grad is not None and w.grad is not None
@@ -108,7 +108,7 @@ def test_bfloat16_preserved(name: str) -> None:
     v, e, w = _grads(loss, embeddings.bfloat16(), weights.bfloat16(), labels)
     assert (v.dtype, e.dtype, w.dtype) == (torch.bfloat16,) * 3
     assert torch.isfinite(v) and torch.isfinite(e).all() and torch.isfinite(w).all()
-    v64 = reference_loss(loss, embeddings, weights, labels)
+    v64 = reference_loss(loss, embeddings, expand_centres(loss, weights), labels)
     torch.testing.assert_close(v.double(), v64, rtol=1e-2, atol=1e-2)  # STYLE 15: bf16 1e-2
 
 
@@ -157,7 +157,7 @@ def test_detached_margin_has_margin_value_and_margin_free_gradient(name: str) ->
     torch.testing.assert_close(v_det, v_true, atol=1e-10, rtol=0)
 
     e = embeddings.clone().requires_grad_()
-    w = weights.clone().requires_grad_()
+    w = expand_centres(detached_loss, weights).clone().requires_grad_()
     naive = naive_loss(name, detached_loss.hyperparameter_values(), e, w, labels, step=50)
     torch.testing.assert_close(v_det, naive.detach(), atol=1e-10, rtol=0)
     want_e, want_w = torch.autograd.grad(naive, (e, w))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _cases import CASES, Case, case_params, random_batch
+from _cases import CASES, Case, case_params, expand_centres, random_batch
 from _formulas import naive_loss
 
 from workers.losses import build_loss, list_losses, raw_logits, reference_loss
@@ -28,6 +28,7 @@ def test_class_subset_matches_formula(case: Case) -> None:
     """Negatives restricted to ``classes`` (unsorted on purpose), labels keep their ids."""
     loss = build_loss(case.name, **case.hyperparameters)
     embeddings, weights, labels = _batch()
+    weights = expand_centres(loss, weights)
     classes = torch.tensor([11, 3, 5, 0, 7, 9])
     e, w = embeddings.clone().requires_grad_(), weights.clone().requires_grad_()
     got = reference_loss(loss, e, w, labels, step=case.step, classes=classes, reduction="none")
@@ -46,6 +47,7 @@ def test_class_subset_matches_formula(case: Case) -> None:
 def test_subset_of_all_classes_is_the_full_loss(name: str) -> None:
     loss = build_loss(name)
     embeddings, weights, labels = _batch()
+    weights = expand_centres(loss, weights)
     full = reference_loss(loss, embeddings, weights, labels, reduction="none")
     every = reference_loss(loss, embeddings, weights, labels, classes=torch.randperm(12),
                            reduction="none")
@@ -57,13 +59,15 @@ def test_labels_only_subset(name: str) -> None:
     """Only the positives sampled: CE without negatives is 0; D-Softmax's inter term is 0."""
     loss = build_loss(name)
     embeddings, weights, _ = _batch()
+    weights = expand_centres(loss, weights)
     labels = torch.tensor([4, 4, 4, 4, 4, 4])
     got = reference_loss(loss, embeddings, weights, labels, classes=torch.tensor([4]),
                          reduction="none")
     want = naive_loss(name, loss.hyperparameter_values(), embeddings, weights, labels,
                       classes=[4], reduction="none")
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
-    if name not in ("dsoftmax", "virtual"):
+    # not CE: D-Softmax's intra term, the virtual class, MagFace's regulariser, UniFace's BCE
+    if name not in ("dsoftmax", "virtual", "magface", "uniface"):
         assert torch.equal(got, torch.zeros_like(got))
 
 
@@ -78,6 +82,7 @@ def test_label_outside_subset_raises() -> None:
 def test_reductions(name: str) -> None:
     loss = build_loss(name)
     embeddings, weights, labels = _batch()
+    weights = expand_centres(loss, weights)
     per_sample = reference_loss(loss, embeddings, weights, labels, reduction="none")
     assert per_sample.shape == (6,)
     total = reference_loss(loss, embeddings, weights, labels, reduction="sum")
@@ -96,7 +101,11 @@ def test_raw_logits_normalise_as_declared(name: str) -> None:
     x = embeddings / embeddings.norm(dim=1, keepdim=True) if loss.normalize_embeddings \
         else embeddings
     w = weights / weights.norm(dim=1, keepdim=True) if loss.normalize_weights else weights
-    torch.testing.assert_close(raw_logits(loss, embeddings, weights), x @ w.T, atol=1e-12, rtol=0)
+    # K sub-centres of the same row: the max over them (sub-centre 0 is ``weights``)
+    expected = torch.stack([x @ c.T for c in expand_centres(loss, w).unflatten(
+        1, (loss.subcenters, -1)).unbind(1)]).amax(dim=0)
+    torch.testing.assert_close(raw_logits(loss, embeddings, expand_centres(loss, weights)),
+                               expected, atol=1e-12, rtol=0)
     # LOSSES.md "norm" column (Virtual Softmax at its default, unnormalised)
     expected = {"softmax": (False, False), "sphereface": (False, True), "virtual": (False, False)}
     assert (loss.normalize_embeddings, loss.normalize_weights) == expected.get(name, (True, True))

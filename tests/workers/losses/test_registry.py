@@ -19,7 +19,10 @@ from workers.losses import (
 
 # The ten rows of the LOSSES.md table, by registry name.
 EXPECTED = {"softmax", "normface", "sphereface", "sphereface_r", "cosface", "arcface",
-            "combined", "dsoftmax", "sosoftmax", "virtual"}
+            "combined", "dsoftmax", "sosoftmax", "virtual",
+            # "The modern zoo" of LOSSES.md
+            "curricularface", "magface", "adaface", "elasticface_arc", "elasticface_cos",
+            "subcenter_arcface", "uniface"}
 
 # Defaults from the LOSSES.md table ("defaults" column).
 DEFAULTS = {

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _cases import random_batch
+from _cases import expand_centres, random_batch
 
 from workers.losses import (
     Choice,
@@ -101,6 +101,7 @@ def test_boundaries_are_valid_and_finite(name: str, field: str, value: Any) -> N
     assert getattr(loss, field) == value
     embeddings, weights, labels = random_batch(6, 9, 8, seed=0)
     embeddings[0] = weights[labels[0]]  # cos = 1 exactly
+    weights = expand_centres(loss, weights)
     embeddings.requires_grad_()
     weights.requires_grad_()
     value_ = reference_loss(loss, embeddings, weights, labels, step=10)
