@@ -26,8 +26,9 @@ from ._dataset import DecodedDataset
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"RIFF")
 #: numpy's pickling helpers (``numpy._core`` from numpy 2 on; pickles may name either)
-_MULTIARRAY = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core")
-                                      else "numpy.core.multiarray")
+_CORE = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+_MULTIARRAY = importlib.import_module(f"{_CORE}.multiarray")
+_NUMERIC = importlib.import_module(f"{_CORE}.numeric")
 
 
 def _latin1(text: str, encoding: str = "latin1") -> bytes:
@@ -44,9 +45,10 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
        for module in ("builtins", "__builtin__") for name in ("bytes", "bytearray")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    **{(module, name): getattr(_MULTIARRAY, name)
-       for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for name in ("_reconstruct", "scalar")},
+    **{(f"{core}.multiarray", name): getattr(_MULTIARRAY, name)
+       for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")},
+    **{(f"{core}.numeric", "_frombuffer"): _NUMERIC._frombuffer  # protocol 5 arrays
+       for core in ("numpy.core", "numpy._core")},
 }
 
 
@@ -60,8 +62,7 @@ class _PairUnpickler(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(
                 f"refers to {module}.{name}; a pair file may hold only bytes, lists, bools and "
-                "numpy arrays (a .bin is a pickle: never load one from an untrusted source "
-                "without this check)") from None
+                "numpy arrays") from None
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,55 @@ def test_missing_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError) as error:
         read_pairs_bin(tmp_path / "nope.bin")
     assert_one_line(error, tmp_path / "nope.bin")
+
+
+class _Payload:
+    """Unpickling this would create ``path`` (a stand-in for arbitrary code)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path) -> None:
+    path, created = tmp_path / "evil.bin", tmp_path / "created"
+    path.write_bytes(pickle.dumps(([_Payload(created)], [True])))
+    with pytest.raises(ValueError, match=r"refers to (io|_io|builtins)\.open; a pair file may "
+                                         r"hold only bytes") as error:
+        read_pairs_bin(path)
+    assert_one_line(error, path)
+    assert not created.exists()
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (pickle.dumps(None), r"not a \(bins, issame_list\) pickle \(it holds NoneType\)"),
+    (pickle.dumps((None, None)), "bins and issame_list must be lists, got NoneType and "
+                                 "NoneType"),
+    (pickle.dumps(([None, None], [True])), "image 0 is a NoneType, not encoded image bytes"),
+    (pickle.dumps(([encode_png(gray(1))] * 2, [None])), r"issame_list\[0\] = None is not a "
+                                                        "boolean"),
+    (b"\x80\x02cnosuchmodule\nThing\nq\x00)\x81q\x01.", r"refers to nosuchmodule\.Thing"),
+    (pickle.dumps(([b"\x89PNG\r\n\x1a\n" + bytes(8)] * 2, [True])),
+     "image 0: cannot decode image"),
+])
+def test_malformed_payloads_are_one_line(tmp_path, content: bytes, match: str) -> None:
+    path = tmp_path / "bad.bin"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as error:
+        read_pairs_bin(path)
+    assert_one_line(error, path)
+
+
+def test_every_way_the_format_stores_bytes_and_bools_loads(tmp_path) -> None:
+    blobs = [encode_png(gray(v)) for v in (10, 20)]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # ≤ 2: bytes via _codecs.encode
+        for bins, issame in (([bytearray(b) for b in blobs], (np.bool_(True),)),
+                             (tuple(np.frombuffer(b, np.uint8) for b in blobs),
+                              np.array([1]))):
+            path = tmp_path / f"p{protocol}.bin"
+            path.write_bytes(pickle.dumps((bins, issame), protocol=protocol))
+            pairs = read_pairs_bin(path, image_size=8, channels=1)
+            assert pairs.issame.tolist() == [True]
+            assert torch.allclose(pairs.images[1][0], torch.full((1, 8, 8), 20 / 127.5 - 1))
