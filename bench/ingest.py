@@ -51,9 +51,11 @@ if __package__ in (None, ""):  # ``python bench/ingest.py``: make the project im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.data import (
+    MAGIC,
     EpochBatches,
     RecordIOReader,
     batch_loader,
+    cached_labels,
     load_recordio,
     open_shards,
     shard_batches,
@@ -62,7 +64,6 @@ from workers.data import (
     train_ingest,
     write_recordio,
 )
-from workers.data._recordio import MAGIC, cached_labels
 from workers.data.pack import pack
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"

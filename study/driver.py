@@ -267,13 +267,18 @@ def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: 
 
 def leave_resumable(options: StudyOptions, experiment_id: str, parent_run_id: str) -> None:
     """After an interrupted ``fit``: the parent and its open child runs (no outcome yet)
-    KILLED, which ``--resume`` reopens; Optuna is left as it is (its RUNNING trials resume)."""
+    KILLED, which ``--resume`` reopens; Optuna is left as it is (its RUNNING trials resume).
+    Best effort: with the tracking store down they stay RUNNING, which ``--resume`` handles."""
     client = RetryingClient(options.tracking_uri)
-    for run in client.call("search_runs", [experiment_id],
-                           filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
-        if OUTCOME_TAG not in run.data.tags and run.info.status == "RUNNING":
-            client.call("set_terminated", run.info.run_id, "KILLED")
-    client.call("set_terminated", parent_run_id, "KILLED")
+    try:
+        for run in client.call(
+                "search_runs", [experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
+            if OUTCOME_TAG not in run.data.tags and run.info.status == "RUNNING":
+                client.call("set_terminated", run.info.run_id, "KILLED")
+        client.call("set_terminated", parent_run_id, "KILLED")
+    except Exception as error:  # the study stays resumable either way
+        logger.warning("could not mark the interrupted runs KILLED in MLflow: %s", error)
 
 
 def run_study(options: StudyOptions) -> StudyResult:

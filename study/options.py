@@ -14,6 +14,7 @@ from typing import Any
 
 from search_spaces import SearchSpace
 from workers.config import ConfigError, TrialConfig, parse_trial_config
+from workers.data import ingest_cpus
 
 #: CPU of each trial's own function (it only waits on the Train run)
 TRIAL_CPUS = 0.1
@@ -106,19 +107,17 @@ class StudyOptions:
     @property
     def trial_cpus(self) -> float:
         """The most CPUs one trial holds: its function, its workers and its Ray Data ingest."""
-        from workers.data import ingest_cpus
-
         return max(TRIAL_CPUS + trial.resources.num_workers * trial.resources.cpus_per_worker
                    + ingest_cpus(trial.data) for trial in self.largest_trials)
 
     def resource_problems(self, available: Mapping[str, float]) -> list[str]:
         """One line per space whose largest trial cannot be scheduled on ``available`` (Ray's
         ``CPU``/``GPU``), naming the flag or space entry that set each value."""
-        from workers.train import check_resources
+        from workers.train import check_resources  # the train loop's import: only when needed
 
         problems: list[str] = []
         for space, trial in zip(self.spaces, self.largest_trials, strict=True):
-            names = {**self.flags, **{key: where for key in BOUNDED
+            names = {**self.flags, **{key: where for key in (*BOUNDED, "resources.precision")
                                       if (where := space.source_of(key)) is not None}}
             try:
                 check_resources(trial, available, names=names, trial_cpus=TRIAL_CPUS)

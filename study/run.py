@@ -386,7 +386,7 @@ def _check_trials(options: StudyOptions) -> list[str]:
             check_data_config(data)
         except (ValueError, FileNotFoundError) as error:
             errors += [line for line in str(error).splitlines() if line not in errors]
-    if not errors and options.ray_address in (None, "local"):
+    if options.ray_address in (None, "local"):
         import torch
 
         errors += options.resource_problems({"CPU": float(os.cpu_count() or 1),

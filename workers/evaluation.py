@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from workers.data import LabelledDataset, PairSet
-from workers.head import HeadShard, partition_n_into_range
-from workers.head._collectives import all_gather_rows, all_reduce_sum
+from workers.head import HeadShard, all_gather_rows, all_reduce_sum, partition_n_into_range
 from workers.seeding import derive_seed
 
 FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)

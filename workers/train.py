@@ -124,23 +124,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-#: the trial-config field each override flag sets
-_OVERRIDES = {"workers": "resources.num_workers", "gpus_per_worker": "resources.gpus_per_worker",
-              "epochs": "epochs"}
-
-
 def _with_overrides(trial: TrialConfig, args: argparse.Namespace,
                     source: str) -> tuple[TrialConfig, dict[str, str]]:
-    """``trial`` with the flags' overrides, and the flag naming each overridden field."""
+    """``trial`` with the flags' overrides, and the flag that set each overridden field (an
+    error about it names the flag)."""
     data, flags = trial.model_dump(mode="json"), {}
-    for name, field in _OVERRIDES.items():
-        if (value := getattr(args, name)) is not None:
-            *sections, leaf = field.split(".")
-            node = data
-            for section in sections:
-                node = node[section]
-            node[leaf] = value
-            flags[field] = f"--{name.replace('_', '-')}"
+    if args.workers is not None:
+        data["resources"]["num_workers"] = args.workers
+        flags["resources.num_workers"] = "--workers"
+    if args.gpus_per_worker is not None:
+        data["resources"]["gpus_per_worker"] = args.gpus_per_worker
+        flags["resources.gpus_per_worker"] = "--gpus-per-worker"
+    if args.epochs is not None:
+        data["epochs"] = args.epochs
+        flags["epochs"] = "--epochs"
     return parse_trial_config(data, source, flags), flags
 
 

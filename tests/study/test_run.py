@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.pareto import completed_points, non_dominated
-from study.run import UsageError, build_parser, options_from_args
+from study.run import UsageError, build_parser, options_from_args, resume_command
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
 from workers.config import parse_trial_config
 
@@ -201,3 +205,54 @@ def test_exported_config_runs_through_workers_train(finished_study: dict,
         env=env)
     assert process.returncode == 0, process.stderr[-3000:]
     assert (tmp_path / "out" / "class_centres" / "manifest.json").is_file()
+
+
+def test_resume_command_repeats_the_flags_with_resume_and_name() -> None:
+    argv = ["--space", "arcface", "cosface", "--name", "old", "--tracking-uri",
+            "http://bob:s3cret@h:5000", "--resume", "--set", "optim.lr=1e-3", "--name=x"]
+    assert resume_command(argv, "margins") == (
+        "python study/run.py --space arcface cosface --tracking-uri 'http://bob:***@h:5000' "
+        "--set optim.lr=1e-3 --resume --name margins")
+
+
+class _FakeMlflow(http.server.BaseHTTPRequestHandler):
+    """Answers like an MLflow server with basic auth for user ``u``, password ``p``."""
+
+    def do_GET(self) -> None:
+        expected = "Basic " + base64.b64encode(b"u:p").decode()
+        authorised = self.headers.get("Authorization") == expected
+        status, body = (404, {"error_code": "RESOURCE_DOES_NOT_EXIST"}) if authorised else (
+            401, {"error_code": "UNAUTHENTICATED"})
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args: Any) -> None:
+        """Quiet."""
+
+
+def test_tracking_server_must_answer_mlflow_api_with_the_credentials(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        def options(uri: str) -> Any:
+            return options_from_args(build_parser().parse_args(
+                ["--storage", str(tmp_path), "--tracking-uri", uri]))
+
+        assert options(f"http://u:p@127.0.0.1:{port}").tracking_credentials == {
+            "MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"}
+        with pytest.raises(UsageError, match=r"^--tracking-uri = 'http://u:\*\*\*@127.0.0.1:"
+                                             rf"{port}': the MLflow server refused access "
+                                             r"\(HTTP 401\)"):
+            options(f"http://u:wrong@127.0.0.1:{port}")
+    finally:
+        server.shutdown()
+
+
+def test_set_values_are_read_as_config_files_are(tmp_path: Path) -> None:
+    options = options_from_args(build_parser().parse_args(
+        ["--storage", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+         "--set", "optim.lr=1e-3", "--set", "optim.weight_decay=5E-5"]))
+    assert options.base["optim"] == {"lr": 1e-3, "weight_decay": 5e-5}

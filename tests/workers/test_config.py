@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import ConfigError, TrialConfig, load_trial_config, parse_trial_config
+from workers.config import (
+    ConfigError,
+    TrialConfig,
+    load_trial_config,
+    parse_trial_config,
+    parse_yaml,
+)
 
 
 def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
@@ -86,3 +92,51 @@ def test_config_is_frozen() -> None:
     config = TrialConfig()
     with pytest.raises(ValueError, match="frozen"):
         config.epochs = 3  # type: ignore[misc]
+
+
+def test_yaml_reads_exponents_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("optim: {lr: 1e-3, weight_decay: 5E-4, head_lr: 2.5e+0}\n")
+    optim = load_trial_config(path).optim
+    assert (optim.lr, optim.weight_decay, optim.head_lr) == (1e-3, 5e-4, 2.5)
+    assert parse_yaml("[1e3, 1.5e-2, 12, '1e3', 1e3x]", "x") == [1000.0, 0.015, 12, "1e3",
+                                                                 "1e3x"]
+
+
+def test_yaml_refuses_a_key_given_twice_naming_file_key_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("epochs: 2\nhead:\n  sample_ratio: 0.5\n  sample_ratio: 0.1\n")
+    with pytest.raises(ConfigError) as error:
+        load_trial_config(path)
+    assert error.value.lines == [f"{path}:4: duplicate key 'sample_ratio' (each key may appear "
+                                 "once per mapping)"]
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_bytes("model: {backbone: café}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as error:
+        load_trial_config(path)
+    assert error.value.lines == [f"{path}: not UTF-8 text (byte 0xe9 at offset 21); save the "
+                                 "config file as UTF-8"]
+
+
+def test_a_field_a_flag_set_is_named_by_the_flag() -> None:
+    flags = {"epochs": "--epochs", "head.sample_ratio": "--set head.sample_ratio",
+             "data": "--set data"}
+    with pytest.raises(ConfigError) as error:
+        parse_trial_config({"epochs": 0, "head": {"sample_ratio": 2.0},
+                            "data": {"num_identities": 1}, "seed": -1}, "command line", flags)
+    assert sorted(error.value.lines) == [
+        "--epochs = 0 must be an integer in [1, 100000]",
+        "--set data: data.num_identities = 1 must be an integer in [2, inf]",
+        "--set head.sample_ratio = 2.0 must be a number in (0.0, 1.0]",
+        "command line: seed = -1 must be an integer in [0, 2147483647]"]
+
+
+def test_name_is_not_a_loss_hyperparameter() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_trial_config({"loss": {"name": "arcface", "hyperparameters": {"name": "cosface"}}},
+                           "t.yaml")
+    assert len(error.value.lines) == 1
+    assert "arcface: unknown hyperparameter(s) ['name']" in error.value.lines[0]

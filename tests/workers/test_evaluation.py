@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from tests.spies import record_collective_groups
 from workers.data import TensorDataset, read_pairs_bin, write_pairs_bin
 from workers.evaluation import (
     FARS,
@@ -387,16 +388,7 @@ def _centres() -> list[torch.Tensor]:
 
 def _evaluation_worker(rank: int, world_size: int, pair_path: Path, out_dir: Path) -> None:
     group = dist.new_group(list(range(world_size)))
-    explicit: list[bool] = []
-
-    def recording(original: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            explicit.append(kwargs.get("group") is group)
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_gather", "all_reduce"):
-        setattr(dist, name, recording(getattr(dist, name)))
+    explicit = record_collective_groups(group)
     shard = HeadShard(0, 0, rank, world_size, group)
     model, heldout = _Linear64(16, 8), _heldout_features()
     pairs = read_pairs_bin(pair_path, image_size=4, channels=1)

@@ -3,7 +3,6 @@ Ray Train trial learns from them, and a corrupt image stops the first read with 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,10 @@ from workers.data import (
 )
 from workers.data.pack import main as pack_main
 from workers.data.pack import pack
-from workers.train import HEALTH_CHECK_ENV, build_trainer
+from workers.train import build_trainer
 from workers.train_loop import build_runtime, evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Any:
-    import ray
-
-    os.environ.update(HEALTH_CHECK_ENV)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": HEALTH_CHECK_ENV})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 
 from workers.config import TrialConfig, parse_trial_config
 from workers.head import read_head_manifest
-from workers.train import HEALTH_CHECK_ENV, build_trainer, check_resources
+from workers.train import build_trainer, check_resources
 from workers.train_loop import (
     CHECKPOINT_FILE,
     HEAD_DIR,
@@ -45,17 +44,6 @@ def _trial(**overrides: Any) -> TrialConfig:
         else:
             data[section] = value
     return parse_trial_config(data)
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Any:
-    import ray
-
-    os.environ.update(HEALTH_CHECK_ENV)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": HEALTH_CHECK_ENV})
-    yield ray
-    ray.shutdown()
 
 
 def _fit(trial: TrialConfig, storage: Path, name: str, resume_from: str | None = None) -> Any:

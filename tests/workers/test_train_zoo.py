@@ -9,7 +9,6 @@ before its first step). Stateful losses report their state per epoch.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from workers.config import TrialConfig, parse_trial_config
-from workers.train import HEALTH_CHECK_ENV, build_trainer
+from workers.train import build_trainer
 from workers.train_loop import build_runtime, evaluate, train_epoch
 
 pytestmark = pytest.mark.slow
@@ -99,17 +98,6 @@ def test_loss_state_is_reported_per_epoch(trained: list[dict], name: str) -> Non
 
 
 # --- one real Ray Train trial of a stateful loss --------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_local() -> Any:
-    import ray
-
-    os.environ.update(HEALTH_CHECK_ENV)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": HEALTH_CHECK_ENV})
-    yield ray
-    ray.shutdown()
-
 
 def test_adaface_ray_train_trial_learns_and_reports_its_state(ray_local: Any,
                                                               tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from ._checkpoint import (
     read_head_manifest,
     save_head_checkpoint,
 )
+from ._collectives import all_gather_rows, all_reduce_sum
 from ._function import ChunkedLSE, LSEOptions
 from ._partition import HeadShard, partition_n_into_range
 from ._sampling import SampledClasses, sample_classes
@@ -27,6 +28,8 @@ __all__ = [
     "LSEOptions",
     "SampledClasses",
     "SampledSoftmaxHead",
+    "all_gather_rows",
+    "all_reduce_sum",
     "export_head_weights",
     "initial_rows",
     "load_head_checkpoint",

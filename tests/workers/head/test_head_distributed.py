@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.spies import record_collective_groups
 from workers.head import SampledSoftmaxHead, initial_rows
 from workers.losses import build_loss, get_loss_class, list_losses, reference_loss
 
@@ -79,24 +80,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return embeddings, weight, torch.tensor(LABELS)
 
 
-def _record_collectives(group: dist.ProcessGroup) -> list[bool]:
-    """Wrap the collectives the head uses; record whether each call got ``group``."""
-    seen: list[bool] = []
-
-    def recording(original: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            seen.append(kwargs.get("group") is group)
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_gather", "all_reduce", "reduce_scatter"):
-        setattr(dist, name, recording(getattr(dist, name)))
-    return seen
-
-
 def _worker(rank: int, world_size: int, out_dir: Path) -> None:
     group = dist.new_group(list(range(world_size)))
-    calls = _record_collectives(group)
+    calls = record_collective_groups(group)
     embeddings, weight, labels = make_data()
     records: dict[str, Any] = {}
     for case in CASES:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import workers.losses.elasticface as elasticface_module
+from tests.spies import record_collective_groups
 from workers.head import SampledSoftmaxHead
 from workers.losses import Batch, LossState, build_loss, get_loss_class, reference_loss
 from workers.losses.elasticface import elastic_margins
@@ -77,23 +78,9 @@ def centres(loss: Any) -> torch.Tensor:
                        dtype=torch.float64)
 
 
-def _record_collectives(group: dist.ProcessGroup) -> list[bool]:
-    seen: list[bool] = []
-
-    def recording(original: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            seen.append(kwargs.get("group") is group)
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_gather", "all_reduce", "reduce_scatter"):
-        setattr(dist, name, recording(getattr(dist, name)))
-    return seen
-
-
 def _worker(rank: int, world_size: int, out_dir: Path) -> None:
     group = dist.new_group(list(range(world_size)))
-    calls = _record_collectives(group)
+    calls = record_collective_groups(group)
     margins: list[torch.Tensor] = []
 
     def spy(loss: Any, batch_: Batch) -> torch.Tensor:
