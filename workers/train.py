@@ -34,6 +34,8 @@ CENTRES_DIR = "class_centres"
 
 #: Ray Train checks worker health this often; the default (2 s) adds ~1.3 s to every report
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+#: controller failures (worker-group start-up timeouts) a run retries before it fails
+CONTROLLER_RETRIES = 3
 
 
 def check_resources(trial: TrialConfig, available: Mapping[str, float], source: str = "",
@@ -92,7 +94,10 @@ def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
         datasets=datasets, dataset_config=dataset_config,
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path.resolve()), callbacks=callbacks or [],
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # Ray 2.60 retries a failed controller (e.g. a worker group that never fits and
+            # times out starting) forever by default (controller_failure_limit = -1)
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=CONTROLLER_RETRIES),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trial.checkpoint.keep)),
     )
 
