@@ -224,7 +224,8 @@ def _check_server(uri: str, timeout: float = 5.0) -> str | None:
     except urllib.error.HTTPError as error:
         status, body = error.code, error.read()
     except (OSError, ValueError) as error:
-        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+        reason = getattr(error, "reason", None) or error  # URLError wraps the socket error
+        reason = getattr(reason, "strerror", None) or reason
         return (f"--tracking-uri = {shown!r} is unreachable ({reason}); start the MLflow "
                 "server or fix the URI")
     if status in (401, 403):
