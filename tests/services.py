@@ -9,6 +9,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -203,3 +204,19 @@ def listening_addresses(port: int) -> set[str]:
     """The local IP addresses something listens on at TCP ``port``."""
     return {c.laddr.ip for c in psutil.net_connections("tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def count_child_runs(database: Path, status: str) -> int:
+    """Child runs (runs tagged with a parent) in ``status`` in an MLflow sqlite store; 0 while
+    the store or its tables do not exist yet."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database) as connection:
+        try:
+            return connection.execute(
+                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = ? and r.status = ?", (MLFLOW_PARENT_RUN_ID, status)).fetchone()[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -15,21 +14,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.searcher import TUNE_TRIAL_ATTR
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
-from tests.services import study_env, tiny_study_command
+from tests.services import count_child_runs, study_env, tiny_study_command
 
 pytestmark = pytest.mark.slow
-
-
-def _finished_children(database: Path) -> int:
-    if not database.exists():
-        return 0
-    with sqlite3.connect(database) as connection:
-        try:
-            return connection.execute(
-                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                "where t.key = ? and r.status = 'FINISHED'", (MLFLOW_PARENT_RUN_ID,)).fetchone()[0]
-        except sqlite3.OperationalError:  # tables not created yet
-            return 0
 
 
 def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Path) -> None:
@@ -40,14 +27,14 @@ def test_killed_driver_resumes_without_losing_or_duplicating_trials(tmp_path: Pa
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=env)
     deadline = time.monotonic() + 400
-    while _finished_children(database) < 1:
+    while count_child_runs(database, "FINISHED") < 1:
         assert driver.poll() is None, "the study ended before it could be killed"
         assert time.monotonic() < deadline, "no trial finished in time"
         time.sleep(0.5)
     time.sleep(3)  # the next trial is starting
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    assert _finished_children(database) < 4
+    assert count_child_runs(database, "FINISHED") < 4
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True,
                              timeout=600, env=env)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.searcher import TUNE_TRIAL_ATTR
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
-from tests.services import ROOT, stop_process_group, study_env, tiny_study_command
+from tests.services import ROOT, count_child_runs, stop_process_group, study_env, tiny_study_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -29,19 +28,6 @@ NAME = "ctrl_c"
 STATES = {"complete": optuna.trial.TrialState.COMPLETE,
           "pruned": optuna.trial.TrialState.PRUNED,
           "diverged": optuna.trial.TrialState.FAIL, "failed": optuna.trial.TrialState.FAIL}
-
-
-def _running_children(database: Path) -> int:
-    """Child runs (runs with a parent) that are RUNNING in the sqlite store."""
-    if not database.exists():
-        return 0
-    with sqlite3.connect(database) as connection:
-        try:
-            return connection.execute(
-                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                "where t.key = ? and r.status = 'RUNNING'", (MLFLOW_PARENT_RUN_ID,)).fetchone()[0]
-        except sqlite3.OperationalError:  # tables not created yet
-            return 0
 
 
 def _run(command: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -59,7 +45,7 @@ def test_sigint_leaves_the_study_resumable_and_resume_agrees_trial_by_trial(
     driver = _run(command, tmp_path / "first")
     try:
         deadline = time.monotonic() + 400
-        while _running_children(database) < 1:
+        while count_child_runs(database, "RUNNING") < 1:
             assert driver.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial started in time"
             time.sleep(0.2)
