@@ -22,6 +22,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -45,8 +46,6 @@ from study.pareto import (
 from study.progress import ProgressTable
 from study.searcher import (
     ACCURACY,
-    MODES,
-    OBJECTIVES,
     TUNE_TRIAL_ATTR,
     SpaceSampler,
     StudySearch,
@@ -60,6 +59,7 @@ from study.tracking import (
     RetryingClient,
 )
 from workers.config import ConfigError
+from workers.train import alive_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +117,15 @@ def _without_tune_resume_advice(record: logging.LogRecord) -> bool:
     return "Tuner.restore(" not in record.getMessage()
 
 
-def concurrency_limit(options: StudyOptions, cluster_cpus: float) -> int:
-    """Trials that fit at once: each needs up to ``options.trial_cpus`` (its function, its
-    workers and the CPUs its Ray Data ingest may use; the last are not reserved by anyone,
-    only left free: Ray Data's tasks run outside the placement groups)."""
-    return max(1, min(options.max_concurrent,
-                      math.floor(cluster_cpus / options.trial_cpus + 1e-9)))
+def concurrency_limit(options: StudyOptions, cluster: Mapping[str, float]) -> int:
+    """Trials that fit at once on ``cluster`` (Ray's ``CPU``/``GPU`` totals): each needs up to
+    ``options.trial_cpus`` (its function, its workers and the CPUs its Ray Data ingest may use;
+    the last are not reserved by anyone, only left free: Ray Data's tasks run outside the
+    placement groups) and ``options.trial_gpus``; at least one, at most ``--concurrent``."""
+    fits = math.floor(cluster.get("CPU", 0.0) / options.trial_cpus + 1e-9)
+    if options.trial_gpus > 0:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / options.trial_gpus + 1e-9))
+    return max(1, min(options.max_concurrent, fits))
 
 
 def _versions() -> dict[str, str]:
@@ -201,10 +204,8 @@ def open_parent_run(options: StudyOptions) -> tuple[str, str]:
 
 
 def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
-                cluster_cpus: float) -> tune.Tuner:
+                cluster: Mapping[str, float]) -> tune.Tuner:
     """The Tuner (or the restored one on ``--resume`` when Tune's state exists)."""
-    import optuna
-
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, storage_path=str(options.storage_path),
                              study_name=options.name), {"cpu": TRIAL_CPUS})
@@ -213,9 +214,8 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
                                   resume_unfinished=True, resume_errored=True)
     searcher = StudySearch(
         space=SpaceSampler(options.spaces, options.base, grid=options.sampler == "grid"),
-        metric=list(OBJECTIVES), mode=list(MODES),
         sampler=build_sampler(options.sampler, options.seed, options.spaces),
-        study_name=options.name, storage=optuna.storages.RDBStorage(options.optuna_url))
+        study_name=options.name, storage=options.optuna_url)
     max_epochs = options.max_epochs
     scheduler = (ASHAScheduler(metric=ACCURACY, mode="max", max_t=max_epochs,
                                grace_period=1, reduction_factor=2)
@@ -227,8 +227,7 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=options.num_trials,
-                                    max_concurrent_trials=concurrency_limit(options,
-                                                                            cluster_cpus)),
+                                    max_concurrent_trials=concurrency_limit(options, cluster)),
         run_config=tune.RunConfig(name="tune", storage_path=str(options.study_dir),
                                   callbacks=callbacks, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
@@ -256,11 +255,14 @@ def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: 
         client.call("set_tag", run.info.run_id, OUTCOME_TAG, "interrupted")
         client.call("set_terminated", run.info.run_id, "KILLED")
     started = {run.data.tags.get(TRIAL_ID_TAG) for run in children}
-    study = optuna.load_study(study_name=options.name, storage=options.optuna_url)
+    storage = optuna.storages.RDBStorage(options.optuna_url)
+    study = optuna.load_study(study_name=options.name, storage=storage)
+    study_id = storage.get_study_id_from_name(options.name)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get(TUNE_TRIAL_ATTR) not in started:
-            optuna.trial.Trial(study, trial._trial_id).set_user_attr(OUTCOME_TAG,
-                                                                     "never_started")
+            storage.set_trial_user_attr(
+                storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                OUTCOME_TAG, "never_started")
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(open_runs)
 
@@ -297,11 +299,10 @@ def run_study(options: StudyOptions) -> StudyResult:
         ray.init(address=options.ray_address, log_to_driver=False,
                  runtime_env={"env_vars": RAY_ENV})
     cluster = ray.cluster_resources()
-    if problems := options.resource_problems(cluster):
+    if problems := options.resource_problems(cluster, nodes=alive_nodes()):
         raise ConfigError(problems)
     experiment_id, parent_run_id = open_parent_run(options)
-    tuner = build_tuner(options, experiment_id, parent_run_id,
-                        float(cluster.get("CPU", 0.0)))
+    tuner = build_tuner(options, experiment_id, parent_run_id, cluster)
     InterruptWatch.received.clear()
     logging.getLogger("ray.tune.tune").addFilter(_without_tune_resume_advice)
     handler = signal.getsignal(signal.SIGINT)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,9 +110,17 @@ class StudyOptions:
         return max(TRIAL_CPUS + trial.resources.num_workers * trial.resources.cpus_per_worker
                    + ingest_cpus(trial.data) for trial in self.largest_trials)
 
-    def resource_problems(self, available: Mapping[str, float]) -> list[str]:
+    @property
+    def trial_gpus(self) -> float:
+        """The most GPUs one trial holds (its workers')."""
+        return max(trial.resources.num_workers * trial.resources.gpus_per_worker
+                   for trial in self.largest_trials)
+
+    def resource_problems(self, available: Mapping[str, float],
+                          nodes: Sequence[Mapping[str, float]] = ()) -> list[str]:
         """One line per space whose largest trial cannot be scheduled on ``available`` (Ray's
-        ``CPU``/``GPU``), naming the flag or space entry that set each value."""
+        ``CPU``/``GPU``) or, when given, on ``nodes`` (each live node's resources), naming the
+        flag or space entry that set each value."""
         from workers.train import check_resources  # the train loop's import: only when needed
 
         problems: list[str] = []
@@ -120,7 +128,8 @@ class StudyOptions:
             names = {**self.flags, **{key: where for key in (*BOUNDED, "resources.precision")
                                       if (where := space.source_of(key)) is not None}}
             try:
-                check_resources(trial, available, names=names, trial_cpus=TRIAL_CPUS)
+                check_resources(trial, available, names=names, trial_cpus=TRIAL_CPUS,
+                                nodes=nodes)
             except ConfigError as error:
                 problems += [line for line in error.lines if line not in problems]
         return problems

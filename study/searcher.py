@@ -7,18 +7,21 @@ trial instead samples one categorical ``grid_point``, an index into the study's 
 (``search_spaces.study_grid``: every space's categorical combinations, concatenated), which
 Optuna's ``GridSampler`` hands out once each.
 
-Ray's ``OptunaSearch`` tells Optuna COMPLETE with whatever the last result held. Here a trial
-that diverged, or that errored, is FAIL, and a trial the scheduler stopped before its last
-epoch is PRUNED — so neither ever reaches Optuna's Pareto front with early values.
+``StudySearch`` drives Optuna through its public ask-and-tell interface (not Ray's
+``OptunaSearch``, whose subclassing needs its private attributes, and which tells COMPLETE with
+whatever the last result held). A trial that diverged, or that errored, is FAIL, and a trial
+the scheduler stopped before its last epoch is PRUNED — so neither ever reaches Optuna's Pareto
+front with early values.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
 from search_spaces import SearchSpace, study_grid
 from study.options import SAMPLERS
@@ -101,33 +104,67 @@ def trial_outcome(result: Mapping[str, Any] | None, error: bool, epochs: int) ->
 TUNE_TRIAL_ATTR = "tune_trial_id"
 
 
-class StudySearch(OptunaSearch):
-    """``OptunaSearch`` that records divergence as FAIL and early stops as PRUNED (before the
-    epochs of the trial's own config), and tags each Optuna trial with its Tune trial id
-    (``TUNE_TRIAL_ATTR``)."""
+class StudySearch(Searcher):
+    """Tune's searcher over one Optuna study, through Optuna's public ask-and-tell interface.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: each trial's epochs, from the trial config it was given (saved with the searcher)
-        self.epochs: dict[str, int] = {}
+    ``suggest`` asks Optuna for a trial, runs the define-by-run ``space`` on it and tags it with
+    its Tune trial id (``TUNE_TRIAL_ATTR``); ``on_trial_complete`` tells Optuna the objectives of
+    a complete trial, PRUNED for a trial stopped before its config's last epoch, and FAIL for a
+    diverged or errored one. The study lives in ``storage`` (an RDB URL); ``save`` keeps only
+    the Tune-to-Optuna trial mapping and the sampler, so ``--resume`` reattaches to the same
+    study.
+    """
+
+    def __init__(self, space: SpaceSampler, sampler: optuna.samplers.BaseSampler,
+                 study_name: str, storage: str) -> None:
+        super().__init__(metric=list(OBJECTIVES), mode=list(MODES))
+        self.space = space
+        self.sampler = sampler
+        self.study_name = study_name
+        self.storage = storage
+        #: Tune trial id -> (Optuna trial number, epochs of its trial config)
+        self.asked: dict[str, tuple[int, int]] = {}
+        self.study = self._open_study()
+
+    def _open_study(self) -> optuna.Study:
+        return optuna.create_study(
+            storage=self.storage, sampler=self.sampler, study_name=self.study_name,
+            load_if_exists=True,
+            directions=["maximize" if mode == "max" else "minimize" for mode in MODES])
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-        if isinstance(config, dict):
-            self.epochs[trial_id] = config["trial"]["epochs"]
+        trial = self.study.ask()
+        trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        config = self.space(trial)
+        self.asked[trial_id] = (trial.number, config["trial"]["epochs"])
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        outcome = trial_outcome(result, error, self.epochs[trial_id])
+        if trial_id not in self.asked:
+            return
+        number, epochs = self.asked[trial_id]
+        outcome = trial_outcome(result, error, epochs)
         if outcome == "complete":
-            super().on_trial_complete(trial_id, result, error)
-            return
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        state = (optuna.trial.TrialState.PRUNED if outcome == "pruned"
-                 else optuna.trial.TrialState.FAIL)
-        self._ot_study.tell(self._ot_trials[trial_id], state=state)
-        self._completed_trials.add(trial_id)
+            self.study.tell(number, [float(result[name]) for name in OBJECTIVES],
+                            skip_if_finished=True)
+        else:
+            self.study.tell(number, state=optuna.trial.TrialState.PRUNED
+                            if outcome == "pruned" else optuna.trial.TrialState.FAIL,
+                            skip_if_finished=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the open study (a database connection): reattached on unpickling."""
+        return {key: value for key, value in self.__dict__.items() if key != "study"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.study = self._open_study()
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file).__dict__)

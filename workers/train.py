@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,31 @@ HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 CONTROLLER_RETRIES = 3
 
 
+def workers_that_fit(worker: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many workers each needing ``worker`` (``CPU``, ``GPU``) the ``nodes`` hold at once:
+    Σ_node min over the worker's resources r of ⌊node[r] / worker[r]⌋ (a worker's bundle lives
+    on one node)."""
+    needs = {name: amount for name, amount in worker.items() if amount > 0}
+    return sum(min((math.floor(node.get(name, 0.0) / amount + 1e-9)
+                    for name, amount in needs.items()), default=0) for node in nodes)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected Ray cluster (``ray.nodes()``)."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
 def check_resources(trial: TrialConfig, available: Mapping[str, float], source: str = "",
-                    names: Mapping[str, str] | None = None, trial_cpus: float = 0.0) -> None:
+                    names: Mapping[str, str] | None = None, trial_cpus: float = 0.0,
+                    nodes: Sequence[Mapping[str, float]] = ()) -> None:
     """Fail with one line when ``trial`` cannot be scheduled on ``available`` (Ray's resource
     names: ``CPU``, ``GPU``) at all: its workers, its Ray Data ingest (source shards) and
-    ``trial_cpus`` of its own. The line starts with ``source: `` when given and names each
-    field as ``names`` spells it (the flag that set it), else by its dotted name."""
+    ``trial_cpus`` of its own; with ``nodes`` (each live node's resources), also when its
+    workers do not fit on them one bundle per node slot (``workers_that_fit``). The line starts
+    with ``source: `` when given and names each field as ``names`` spells it (the flag that set
+    it), else by its dotted name."""
     resources, where = trial.resources, f"{source}: " if source else ""
     label = {key: (names or {}).get(key, key) for key in (
         "resources.num_workers", "resources.cpus_per_worker", "resources.gpus_per_worker",
@@ -63,6 +83,15 @@ def check_resources(trial: TrialConfig, available: Mapping[str, float], source: 
         raise ConfigError([
             f"{where}{label['resources.gpus_per_worker']} = {resources.gpus_per_worker} × "
             f"{workers} needs {gpus:g} GPUs; the cluster has {available.get('GPU', 0.0):g}"])
+    worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+    if nodes and (fit := workers_that_fit(worker, nodes)) < resources.num_workers:
+        largest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)))
+        raise ConfigError([
+            f"{where}{workers} workers of {label['resources.cpus_per_worker']} = "
+            f"{resources.cpus_per_worker} and {label['resources.gpus_per_worker']} = "
+            f"{resources.gpus_per_worker} each: only {fit} fit on the cluster's "
+            f"{len(nodes)} node(s) (a worker lives on one node; the largest has "
+            f"{largest.get('CPU', 0.0):g} CPUs, {largest.get('GPU', 0.0):g} GPUs)"])
     if resources.precision == "fp16" and resources.gpus_per_worker == 0:
         raise ConfigError([f"{where}{label['resources.precision']} = 'fp16' needs GPUs "
                            f"({label['resources.gpus_per_worker']} > 0); use 'bf16' or 'fp32' "
@@ -179,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
                  runtime_env={"env_vars": HEALTH_CHECK_ENV})
     try:
-        check_resources(trial, ray.cluster_resources(), args.config, flags)
+        check_resources(trial, ray.cluster_resources(), args.config, flags,
+                        nodes=alive_nodes())
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ def test_epochs_and_resources_come_from_the_trial_configs(tmp_path: Path) -> Non
     options = _options(tmp_path, "--space", str(_long_space(tmp_path)), "--epochs", "1",
                        "--workers", "1", "--concurrent", "4")
     options.study_dir.mkdir(parents=True)
-    tuner = build_tuner(options, "0", "parent", cluster_cpus=2.0)
+    tuner = build_tuner(options, "0", "parent", {"CPU": 2.0})
     config = tuner._local_tuner._tune_config  # the Tuner has no public accessor
     # ASHA over the trials' 3 epochs, not the flag's 1 (with 1 there would be no ASHA at all)
     assert isinstance(config.scheduler, ASHAScheduler) and config.scheduler._max_t == 3
@@ -53,7 +53,7 @@ def test_epochs_and_resources_come_from_the_trial_configs(tmp_path: Path) -> Non
     for trial_id, epoch in (("early", 1), ("full", 2)):
         assert searcher.suggest(trial_id)["trial"]["epochs"] == 3
         searcher.on_trial_complete(trial_id, {"epoch": epoch, ACCURACY: 0.5, COMPUTE: 1e6})
-    states = {t.user_attrs["tune_trial_id"]: t.state for t in searcher._ot_study.trials}
+    states = {t.user_attrs["tune_trial_id"]: t.state for t in searcher.study.trials}
     assert states == {"early": optuna.trial.TrialState.PRUNED,
                       "full": optuna.trial.TrialState.COMPLETE}
     progress = next(c for c in tuner._local_tuner.get_run_config().callbacks

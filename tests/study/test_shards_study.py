@@ -32,7 +32,7 @@ def test_two_concurrent_trials_with_ray_data_ingest_finish(tmp_path: Path) -> No
              "--set", "data.ray_data_cpus=0.4", "--set", "model.width=16",
              "--set", "evaluation.num_pairs=400"]
     # each trial: 0.1 (its function) + 2 × 0.25 (workers) + 0.4 (Ray Data) = 1 of 2 CPUs
-    assert concurrency_limit(options_from_args(build_parser().parse_args(flags)), 2.0) == 2
+    assert concurrency_limit(options_from_args(build_parser().parse_args(flags)), {"CPU": 2.0}) == 2
     process = subprocess.run([sys.executable, str(ROOT / "study" / "run.py"), *flags],
                              capture_output=True, text=True, timeout=800, env=study_env())
     assert process.returncode == 0, process.stderr[-3000:]
