@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import optuna
@@ -9,7 +10,16 @@ import pytest
 import yaml
 
 from search_spaces import SpaceError, load_spaces, shipped_space_files
-from study.searcher import GRID_PARAM, SpaceSampler, build_sampler, trial_outcome
+from study.searcher import (
+    ACCURACY,
+    COMPUTE,
+    GRID_PARAM,
+    TUNE_TRIAL_ATTR,
+    SpaceSampler,
+    StudySearch,
+    build_sampler,
+    trial_outcome,
+)
 from workers.config import parse_trial_config
 
 
@@ -107,3 +117,31 @@ def test_grid_refuses_non_categorical_params() -> None:
         "cosface.yaml: params.loss.margin: distribution uniform; --sampler grid needs "
         "categorical params")
     assert len(error.value.lines) == 4  # every non-categorical parameter, one line each
+
+
+def test_search_state_survives_save_and_restore(tmp_path: Path) -> None:
+    """Tune saves the searcher with its experiment and restores it on ``--resume``: the
+    restored one tells the same Optuna trials, in the same study, what became of them."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def search() -> StudySearch:
+        return StudySearch(SpaceSampler(_shipped("arcface"), {"epochs": 2}),
+                           build_sampler("random", 0), "s", storage)
+
+    first = search()
+    configs = {trial_id: first.suggest(trial_id) for trial_id in ("a", "b", "c")}
+    first.on_trial_complete("a", {"epoch": 1, ACCURACY: 0.75, COMPUTE: 2e6})
+    first.save(str(tmp_path / "searcher.pkl"))
+
+    restored = search()  # Tuner.restore builds the searcher anew, then restores its state
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("b", {"epoch": 0, ACCURACY: 0.7, COMPUTE: 2e6})  # stopped early
+    restored.on_trial_complete("c", {"epoch": 1, "diverged": 1.0})
+    restored.on_trial_complete("a", {"epoch": 1, ACCURACY: 0.1, COMPUTE: 1.0})  # told already
+
+    trials = {t.user_attrs[TUNE_TRIAL_ATTR]: t
+              for t in optuna.load_study(study_name="s", storage=storage).trials}
+    assert [trials[k].state.name for k in "abc"] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert trials["a"].values == [0.75, 2e6]
+    assert configs["b"]["trial"]["head"]["sample_ratio"] == trials["b"].params["head.sample_ratio"]
+    assert pickle.loads(pickle.dumps(restored)).asked == restored.asked
