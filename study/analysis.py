@@ -230,3 +230,48 @@ def plot_compactness_vs_separation(runs: pd.DataFrame) -> Figure:
     axes.set_ylabel(f"{COMPACTNESS} (higher: tighter)")
     axes.set_title("intra-class compactness vs inter-class separation")
     return figure
+
+
+#: where a trial's wall time went, in the order a trial spends it (``time_breakdown``)
+PHASES = ("startup", "setup", "train", "eval", "checkpoint", "report", "teardown", "other")
+
+
+def time_breakdown(study: StudyRuns) -> pd.DataFrame:
+    """Per child run, its wall time (MLflow start to end) and where it went, in seconds:
+
+    - ``startup``: run start → the first worker's loop began (``worker_started_at``): the trial
+      actor, the Train controller, the worker group and its process group;
+    - ``setup``: ``setup_seconds`` (data, model, optimizer, a restored checkpoint);
+    - ``train``, ``eval``, ``checkpoint``: Σ ``epoch_train_seconds``, ``eval_seconds``,
+      ``checkpoint_seconds`` over the epochs;
+    - ``report``: Σ over epochs of (the result's arrival in MLflow − ``reported_at``);
+    - ``teardown``: the last result's arrival → run end;
+    - ``other``: wall − the rest (gaps between the measured phases: reductions, loaders,
+      clock skew). Each phase is measured on its own, so ``other`` small is a check.
+
+    Runs that never reported (failed before their first epoch) are left out.
+    """
+    client = _client(study.tracking_uri)
+    rows = []
+    for run_id in study.runs["run_id"]:
+        run = client.get_run(run_id)
+        if run.info.end_time is None or "worker_started_at" not in run.data.metrics:
+            continue
+        history = {name: client.get_metric_history(run_id, name) for name in (
+            "reported_at", "epoch_train_seconds", "eval_seconds", "checkpoint_seconds")}
+        arrivals = {m.step: m.timestamp / 1000 for m in history["reported_at"]}
+        start, end = run.info.start_time / 1000, run.info.end_time / 1000
+        row = {"run_id": run_id, "trial_id": run.data.tags.get(TRIAL_ID_TAG, ""),
+               "outcome": run.data.tags.get(OUTCOME_TAG, ""),
+               "epochs": len(history["epoch_train_seconds"]), "wall": end - start,
+               "startup": run.data.metrics["worker_started_at"] - start,
+               "setup": run.data.metrics["setup_seconds"],
+               "train": sum(m.value for m in history["epoch_train_seconds"]),
+               "eval": sum(m.value for m in history["eval_seconds"]),
+               "checkpoint": sum(m.value for m in history["checkpoint_seconds"]),
+               "report": sum(arrivals[m.step] - m.value for m in history["reported_at"]),
+               "teardown": end - max(arrivals.values())}
+        row["other"] = row["wall"] - sum(row[phase] for phase in PHASES[:-1])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["run_id", "trial_id", "outcome", "epochs", "wall",
+                                       *PHASES])

@@ -9,6 +9,7 @@ rank 0's metrics into a Ray queue, and the trial's main thread is the only calle
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ray import tune
 from ray.util.queue import Empty, Queue
 
 from workers.config import parse_trial_config
+from workers.data import dataset_key, parse_data_config
 from workers.train import build_trainer
 
 #: how long the trial thread waits on the queue before checking whether training ended
@@ -36,17 +38,21 @@ class ForwardReports(ray.train.UserCallback):
 
 
 def run_trial(config: dict[str, Any], storage_path: str, study_name: str,
-              max_failures: int = 1) -> None:
+              max_failures: int = 1, datasets: Mapping[str, Any] | None = None) -> None:
     """The function trainable: ``config = {"space_name": ..., "trial": <trial config>}``.
 
     Train runs under ``<storage_path>/train/<study_name>/<trial id>``; a worker that dies is
-    restarted from the last checkpoint up to ``max_failures`` times.
+    restarted from the last checkpoint up to ``max_failures`` times. ``datasets`` maps
+    ``dataset_key`` to an object ref of the split the study loaded once; a trial whose data
+    section is not among them (a searched data field) loads its own.
     """
     trial = parse_trial_config(config["trial"], "sampled trial config")
     queue: Queue = Queue(actor_options={"num_cpus": 0})
+    key = dataset_key(parse_data_config(trial.data))
     trainer = build_trainer(trial, Path(storage_path) / "train" / study_name,
                             name=tune.get_context().get_trial_id(),
-                            callbacks=[ForwardReports(queue)], max_failures=max_failures)
+                            callbacks=[ForwardReports(queue)], max_failures=max_failures,
+                            dataset=(datasets or {}).get(key or ""))
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

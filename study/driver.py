@@ -32,7 +32,6 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from study.bridge import run_trial
 from study.options import TRIAL_CPUS, StudyOptions
@@ -43,7 +42,9 @@ from study.pareto import (
     non_dominated,
     write_front,
 )
-from study.progress import ProgressTable
+from study.progress import ProgressView
+from study.recommend import export_recommendation
+from study.schedulers import build_scheduler
 from study.searcher import (
     ACCURACY,
     TUNE_TRIAL_ATTR,
@@ -66,9 +67,11 @@ logger = logging.getLogger(__name__)
 #: Ray Train polls worker health this often (the 2 s default adds ~1.3 s per report)
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 #: the driver process: no MLflow download progress bars; let a diverged trial's last result
-#: lack the objectives (StudySearch records it as FAIL instead of Tune aborting the study)
+#: lack the objectives (StudySearch records it as FAIL instead of Tune aborting the study);
+#: Tune's legacy reporter, silent at ``verbose=0`` (the new one prints its banner whatever
+#: the verbosity): ``ProgressView`` is the study's one progress display
 DRIVER_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-              "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+              "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 @dataclass
@@ -83,6 +86,10 @@ class StudyResult:
     exported: list[str]
     artifacts: list[str]
     wall_seconds: float
+    #: ``Recommendation.facts()`` and the files (``recommended.yaml``, ``.md``), or None
+    recommendation: dict[str, Any] | None = None
+    #: why there is no recommendation (``NoRecommendation``'s line), else ""
+    no_recommendation: str = ""
 
 
 class StudyInterrupted(Exception):
@@ -203,12 +210,31 @@ def open_parent_run(options: StudyOptions) -> tuple[str, str]:
     return experiment_id, run_id
 
 
+def share_datasets(options: StudyOptions) -> dict[str, Any]:
+    """Load each distinct data section of the study's trials once, into Ray's object store:
+    ``dataset_key`` → object ref, handed to every trial's workers (``run_trial``), so no
+    trial and no worker loads, indexes or splits the data again."""
+    import ray
+
+    from workers.data import dataset_key, load_dataset, parse_data_config
+
+    shared: dict[str, Any] = {}
+    for trial in options.largest_trials:
+        config = parse_data_config(trial.data)
+        if (key := dataset_key(config)) is not None and key not in shared:
+            shared[key] = ray.put(load_dataset(config))
+    return shared
+
+
 def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
-                cluster: Mapping[str, float]) -> tune.Tuner:
-    """The Tuner (or the restored one on ``--resume`` when Tune's state exists)."""
+                cluster: Mapping[str, float], datasets: Mapping[str, Any] | None = None
+                ) -> tune.Tuner:
+    """The Tuner (or the restored one on ``--resume`` when Tune's state exists); its trials
+    get ``datasets`` (``share_datasets``)."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, storage_path=str(options.storage_path),
-                             study_name=options.name), {"cpu": TRIAL_CPUS})
+                             study_name=options.name, datasets=dict(datasets or {})),
+        {"cpu": TRIAL_CPUS})
     if options.resume and tune.Tuner.can_restore(str(options.study_dir / "tune")):
         return tune.Tuner.restore(str(options.study_dir / "tune"), trainable,
                                   resume_unfinished=True, resume_errored=True)
@@ -216,22 +242,39 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
         space=SpaceSampler(options.spaces, options.base, grid=options.sampler == "grid"),
         sampler=build_sampler(options.sampler, options.seed, options.spaces),
         study_name=options.name, storage=options.optuna_url)
-    max_epochs = options.max_epochs
-    scheduler = (ASHAScheduler(metric=ACCURACY, mode="max", max_t=max_epochs,
-                               grace_period=1, reduction_factor=2)
-                 if options.scheduler == "asha" and max_epochs > 1 else FIFOScheduler())
+    enqueue_warm_start(options)
     callbacks = [ChildRunCallback(options.tracking_uri, experiment_id, parent_run_id,
                                   options.name),
-                 ProgressTable(), InterruptWatch()]
+                 ProgressView(options.name, options.num_trials), InterruptWatch()]
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=build_scheduler(options),
                                     num_samples=options.num_trials,
                                     max_concurrent_trials=concurrency_limit(options, cluster)),
         run_config=tune.RunConfig(name="tune", storage_path=str(options.study_dir),
                                   callbacks=callbacks, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
+
+
+def enqueue_warm_start(options: StudyOptions) -> int:
+    """With ``--warm-start``, enqueue each space's published setting (``SearchSpace.warm_start``)
+    in the study's Optuna storage, under the names ``SpaceSampler`` samples (``<space>.<key>``
+    and the ``space`` choice when the study has several spaces): Optuna hands them out first,
+    as trials 0, 1, …. Only into a study without trials (a resumed one enqueued them when it
+    began). Returns how many were enqueued."""
+    import optuna
+
+    if not options.warm_start:
+        return 0
+    study = optuna.load_study(study_name=options.name, storage=options.optuna_url)
+    if study.get_trials(deepcopy=False):
+        return 0
+    several = len(options.spaces) > 1
+    for space in options.spaces:
+        params = space.warm_start(f"{space.name}." if several else "")
+        study.enqueue_trial({"space": space.name, **params} if several else params)
+    return len(options.spaces)
 
 
 def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: str) -> int:
@@ -283,6 +326,16 @@ def leave_resumable(options: StudyOptions, experiment_id: str, parent_run_id: st
         logger.warning("could not mark the interrupted runs KILLED in MLflow: %s", error)
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' routine INFO lines (MLflow creating its tables, Optuna creating or
+    loading its study) out of the study's output; warnings still show."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_study(options: StudyOptions) -> StudyResult:
     """Run the study; returns the front and where everything was written. Raises
     ``ConfigError`` when the cluster cannot run a trial or a new study's name is taken, and
@@ -290,6 +343,7 @@ def run_study(options: StudyOptions) -> StudyResult:
     import ray
 
     started = time.perf_counter()
+    quiet_libraries()
     os.environ.update(RAY_ENV)
     os.environ.update(DRIVER_ENV)
     os.environ.update(options.tracking_credentials)
@@ -302,7 +356,10 @@ def run_study(options: StudyOptions) -> StudyResult:
     if problems := options.resource_problems(cluster, nodes=alive_nodes()):
         raise ConfigError(problems)
     experiment_id, parent_run_id = open_parent_run(options)
-    tuner = build_tuner(options, experiment_id, parent_run_id, cluster)
+    datasets = share_datasets(options)
+    RetryingClient(options.tracking_uri).call("log_metric", parent_run_id, "datasets_shared",
+                                              len(datasets))
+    tuner = build_tuner(options, experiment_id, parent_run_id, cluster, datasets)
     InterruptWatch.received.clear()
     logging.getLogger("ray.tune.tune").addFilter(_without_tune_resume_advice)
     handler = signal.getsignal(signal.SIGINT)
@@ -327,6 +384,10 @@ def run_study(options: StudyOptions) -> StudyResult:
         retrying.call("log_artifact", parent_run_id, str(path), "pareto")
     for path in exported:
         retrying.call("log_artifact", parent_run_id, str(path), "configs")
+    recommendation, no_recommendation = export_recommendation(
+        client, points, options.target_far, options.epsilon, artifact_dir)
+    for path in (recommendation or {}).get("files", []):
+        retrying.call("log_artifact", parent_run_id, path)
     wall = time.perf_counter() - started
     retrying.call("log_metric", parent_run_id, "study_wall_seconds", wall)
     retrying.call("log_metric", parent_run_id, "trials", len(grid))
@@ -338,6 +399,7 @@ def run_study(options: StudyOptions) -> StudyResult:
          for p in front],
         None if best is None else {"run_id": best.run_id, "space": best.space,
                                    ACCURACY: best.accuracy, "flops": best.flops},
-        [str(p) for p in exported], [str(p) for p in artifacts], wall)
+        [str(p) for p in exported], [str(p) for p in artifacts], wall, recommendation,
+        no_recommendation)
     (artifact_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

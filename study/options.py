@@ -23,6 +23,8 @@ BOUNDED = ("epochs", "resources.num_workers", "resources.cpus_per_worker",
            "resources.gpus_per_worker", "data.ray_data_cpus")
 #: Optuna samplers a study can use
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
+#: early-stopping schedulers a study can use (``study.schedulers.build_scheduler``)
+SCHEDULERS = ("asha", "mo-asha", "none")
 
 
 def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
@@ -78,6 +80,12 @@ class StudyOptions:
     budget_fraction: float
     resume: bool
     ray_address: str | None = None
+    #: enqueue each space's published setting (``SearchSpace.warm_start``) as the first trials
+    warm_start: bool = False
+    #: the FAR of the recommendation (one of ``workers.evaluation.FARS``)
+    target_far: float = 1e-3
+    #: how far below the best TAR a recommendation may be (None: the best trial's fold spread)
+    epsilon: float | None = None
     #: the flag that set each trial-config field of ``base`` (errors name it)
     flags: dict[str, str] = field(default_factory=dict)
     cli_args: dict[str, Any] = field(default_factory=dict)

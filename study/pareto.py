@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from study.searcher import ACCURACY, COMPUTE
 from study.tracking import OUTCOME_TAG, SPACE_TAG, TRIAL_ID_TAG
-from workers.config import parse_trial_config, read_yaml
+from workers.config import TrialConfig, parse_trial_config, read_yaml
 
 #: extra columns of the front table, when the runs have them
 TABLE_METRICS = ("verification_accuracy_std", "roc_auc", "heldout_intra_compactness",
@@ -130,10 +130,14 @@ def export_configs(client: MlflowClient, front: Sequence[Point], best: Point | N
     chosen = [(f"front_{i:02d}_{p.space}_{p.trial_id}.yaml", p) for i, p in enumerate(front)]
     if best is not None:
         chosen.append(("best_at_budget.yaml", best))
-    with tempfile.TemporaryDirectory() as scratch:
-        for name, point in chosen:
-            local = Path(client.download_artifacts(point.run_id, "trial.yaml", scratch))
-            config = parse_trial_config(read_yaml(local, "trial config"), f"run {point.run_id}")
-            (directory / name).write_text(config.to_yaml())
-            written.append(directory / name)
+    for name, point in chosen:
+        (directory / name).write_text(run_trial_config(client, point.run_id).to_yaml())
+        written.append(directory / name)
     return written
+
+
+def run_trial_config(client: MlflowClient, run_id: str) -> TrialConfig:
+    """The trial config of child run ``run_id``: its own ``trial.yaml`` artifact, validated."""
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(client.download_artifacts(run_id, "trial.yaml", scratch))
+        return parse_trial_config(read_yaml(local, "trial config"), f"run {run_id}")

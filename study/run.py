@@ -32,9 +32,10 @@ if __package__ in (None, ""):  # ``python study/run.py``: make the project impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search_spaces import SearchSpace, SpaceError, load_spaces, shipped_space_files, study_grid
-from study.options import SAMPLERS, StudyOptions, redact_uri, split_credentials
+from study.options import SAMPLERS, SCHEDULERS, StudyOptions, redact_uri, split_credentials
 from workers.cli import OneLineParser
 from workers.config import ConfigError, parse_trial_config, parse_yaml
+from workers.evaluation import FARS
 
 HOME = Path(os.environ.get("MARGINLAB_HOME", Path.home() / ".marginlab")).expanduser()
 DEFAULT_SPACES = ("normface", "arcface")
@@ -77,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sampler", default="tpe",
         help=f"Optuna sampler: {', '.join(SAMPLERS)} (grid: every combination of the spaces' "
              "categorical params, concatenated over --space; other params are refused)")
-    add("--scheduler", default="asha", help="early stopping on accuracy: asha or none")
+    add("--scheduler", default="asha",
+        help=f"early stopping: {', '.join(SCHEDULERS)} (asha: on accuracy alone; mo-asha: at "
+             "each rung on accuracy and head FLOPs, never stopping a trial on that rung's "
+             "front)")
     add("--seed", type=int, default=0, help="seed of the sampler and of every trial (≥ 0)")
     add("--tracking-uri", default=f"sqlite:///{HOME / 'mlflow.db'}",
         help="MLflow tracking URI: sqlite:///ABSOLUTE/PATH.db or http(s)://HOST:PORT")
@@ -88,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--budget-fraction", type=float, default=0.5,
         help="best-at-budget export: most accurate trial using ≤ this fraction of the "
              "largest head FLOPs (0, 1]")
+    add("--warm-start", action="store_true",
+        help="enqueue each space's published setting (its loss's defaults, full softmax; a "
+             "space file's defaults: replace them) as the first trials")
+    add("--target-far", type=float, default=1e-3,
+        help="the recommendation's false-accept rate: the cheapest trial whose TAR at this FAR "
+             "is within --epsilon of the best is exported as recommended.yaml; one of "
+             + ", ".join(f"{far:g}" for far in FARS))
+    add("--epsilon", type=float, default=None,
+        help="how far below the best TAR the recommendation may be, in [0, 1] (default: the "
+             "best trial's spread of TAR over the 10 verification folds)")
     add("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
         help="Ray cluster address: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, "
              "else an embedded local Ray)")
@@ -116,11 +130,15 @@ def _check_ranges(args: argparse.Namespace) -> list[str]:
         ("--batch-size", args.batch_size, args.batch_size >= 2, "an integer ≥ 2"),
         ("--seed", args.seed, args.seed >= 0, "an integer ≥ 0"),
         ("--sampler", args.sampler, args.sampler in SAMPLERS, f"one of {list(SAMPLERS)}"),
-        ("--scheduler", args.scheduler, args.scheduler in ("asha", "none"),
-         "one of ['asha', 'none']"),
+        ("--scheduler", args.scheduler, args.scheduler in SCHEDULERS,
+         f"one of {list(SCHEDULERS)}"),
         ("--data", args.data, args.data in DATA_SOURCES, f"one of {list(DATA_SOURCES)}"),
         ("--budget-fraction", args.budget_fraction, 0 < args.budget_fraction <= 1,
          "a number in (0, 1]"),
+        ("--target-far", args.target_far, args.target_far in FARS,
+         f"one of the FARs evaluation reports: {', '.join(map(str, FARS))}"),
+        ("--epsilon", args.epsilon, args.epsilon is None or 0 <= args.epsilon <= 1,
+         "a number in [0, 1] (a difference of TAR)"),
     ]
     for flag, value, ok, allowed in checks:
         if not ok:
@@ -278,6 +296,24 @@ def _check_grid(trials: int, spaces: tuple[SearchSpace, ...]) -> list[str]:
             f"over {names} (--trials {size} runs every point once)"]
 
 
+def _check_warm_start(args: argparse.Namespace, spaces: tuple[SearchSpace, ...]) -> list[str]:
+    """``--warm-start``: not with a grid, a trial for each space's published setting, and a
+    setting inside each space's ranges (``SearchSpace.warm_start``)."""
+    if args.sampler == "grid":
+        return ["--warm-start cannot be combined with --sampler grid (the grid runs each of its "
+                "points once; drop --warm-start)"]
+    errors = []
+    if args.trials < len(spaces):
+        errors.append(f"--trials = {args.trials} must be ≥ {len(spaces)} with --warm-start (one "
+                      "trial per space's published setting)")
+    for space in spaces:
+        try:
+            space.warm_start()
+        except SpaceError as error:
+            errors += error.lines
+    return errors
+
+
 def _apply_overrides(base: dict[str, Any], assignments: list[str],
                      flags: dict[str, str]) -> list[str]:
     """``--set a.b=value`` into ``base`` (values read as YAML, as config files are), and into
@@ -339,6 +375,8 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
         spaces = tuple(load_spaces(_space_paths(args.space)))
         if args.sampler == "grid":
             errors += _check_grid(args.trials, spaces)
+        if args.warm_start:
+            errors += _check_warm_start(args, spaces)
     except SpaceError as error:
         errors += error.lines
     base = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
@@ -363,7 +401,8 @@ def options_from_args(args: argparse.Namespace) -> StudyOptions:
         max_concurrent=args.concurrent, sampler=args.sampler, seed=args.seed,
         scheduler=args.scheduler, tracking_uri=tracking_uri, storage_path=storage,
         output=output, budget_fraction=args.budget_fraction, resume=args.resume,
-        ray_address=args.ray_address, flags=flags,
+        ray_address=args.ray_address, warm_start=args.warm_start, target_far=args.target_far,
+        epsilon=args.epsilon, flags=flags,
         cli_args={**{k: v for k, v in vars(args).items() if k != "ray_address"},
                   "tracking_uri": tracking_uri},
         tracking_credentials=credentials)
@@ -424,9 +463,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     from study.driver import StudyInterrupted, run_study
+    from study.recommend import summary_lines
 
     print(f"study {options.name}: {options.num_trials} trials over "
           f"{', '.join(s.name for s in options.spaces)}; MLflow {options.tracking_uri}")
+    if options.ray_address in (None, "local"):
+        print("note: Ray may warn that more PYTHON worker processes started than this machine "
+              "has CPUs: each trial runs a function (0.1 CPU), a Train controller and "
+              "fractional-CPU workers, as the study asked; nothing to act on")
     try:
         result = run_study(options)
     except ConfigError as error:  # found once connected: the cluster, the MLflow store
@@ -451,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     print("exported configs (python -m workers.train --config FILE):")
     for path in result.exported:
         print(f"  {path}")
+    if result.recommendation is None:
+        print(result.no_recommendation)
+    else:
+        print("\n".join(summary_lines(result.recommendation)))
     return 0
 
 

@@ -100,9 +100,10 @@ def check_resources(trial: TrialConfig, available: Mapping[str, float], source: 
 
 def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
                   callbacks: list[Any] | None = None, resume_from: str | None = None,
-                  max_failures: int = 0) -> Any:
+                  max_failures: int = 0, dataset: Any = None) -> Any:
     """A ``TorchTrainer`` running ``train_loop_per_worker`` for ``trial``; storage keeps the
-    ``trial.checkpoint.keep`` most recent checkpoints."""
+    ``trial.checkpoint.keep`` most recent checkpoints. ``dataset``: an object ref to
+    ``trial.data``'s split, loaded once by a study (else every worker loads it)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -115,7 +116,8 @@ def build_trainer(trial: TrialConfig, storage_path: Path, name: str,
     datasets, dataset_config = train_ingest(trial.data, trial.seed)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": trial.model_dump(mode="json"), "resume_from": resume_from},
+        train_loop_config={"trial": trial.model_dump(mode="json"), "resume_from": resume_from,
+                           "dataset": dataset},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=per_worker),

@@ -94,6 +94,12 @@ class Runtime:
     #: times Ray Train restarted this run from a checkpoint (a worker died, the run resumed)
     restarts: int = 0
     last_metrics: dict[str, float] | None = None
+    #: Unix time this worker's loop began, and the seconds ``setup`` took (data, model,
+    #: restore): reported with every epoch so a study can tell start-up from training
+    started_at: float = 0.0
+    setup_seconds: float = 0.0
+    #: the split came from the study (loaded once for all trials), not from this worker
+    dataset_shared: bool = False
 
     @property
     def backbone(self) -> nn.Module:
@@ -104,7 +110,9 @@ class Runtime:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config = {"trial": <TrialConfig dict>, "resume_from": path?}``."""
 
+    started_at = time.time()
     runtime = setup(config)
+    runtime.started_at, runtime.setup_seconds = started_at, time.time() - started_at
     if runtime.epoch >= runtime.config.epochs and runtime.last_metrics:
         # resumed after the last epoch had been checkpointed: report its result again, so a
         # restarted trial still ends with its final metrics
@@ -121,7 +129,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def setup(config: dict[str, Any]) -> Runtime:
-    """Build the runtime on the Train context; resume from Train's or the given checkpoint."""
+    """Build the runtime on the Train context; resume from Train's or the given checkpoint.
+    ``config["dataset"]``, when set, is an object ref to the split the study loaded once."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -129,7 +139,10 @@ def setup(config: dict[str, Any]) -> Runtime:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     group = dist.group.WORLD if dist.is_initialized() and world_size > 1 else None
-    runtime = build_runtime(trial, rank, world_size, ray.train.torch.get_device(), group)
+    shared = config.get("dataset")
+    runtime = build_runtime(trial, rank, world_size, ray.train.torch.get_device(), group,
+                            data=None if shared is None else ray.get(shared))
+    runtime.dataset_shared = shared is not None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -141,10 +154,12 @@ def setup(config: dict[str, Any]) -> Runtime:
 
 
 def build_runtime(trial: TrialConfig, rank: int, world_size: int, device: torch.device,
-                  group: dist.ProcessGroup | None) -> Runtime:
-    """Data, backbone (DDP when distributed), head on ``group``, optimizer and schedule."""
+                  group: dist.ProcessGroup | None, data: DatasetSplit | None = None) -> Runtime:
+    """Data (``data``: the split of ``trial.data`` already loaded, else loaded here), backbone
+    (DDP when distributed), head on ``group``, optimizer and schedule."""
     torch.manual_seed(trial.seed)
-    data = load_dataset(parse_data_config(trial.data))
+    if data is None:
+        data = load_dataset(parse_data_config(trial.data))
     evaluation = trial.evaluation
     # the capped, seeded held-out sample is chosen once per run (identical on every rank)
     data = dataclasses.replace(data, heldout=heldout_subset(
@@ -395,7 +410,11 @@ def _peak_memory(runtime: Runtime) -> float:
 
 
 def report(runtime: Runtime, metrics: dict[str, float]) -> None:
-    """``ray.train.report`` the epoch's metrics with a checkpoint every rank writes part of.
+    """``ray.train.report`` the epoch's metrics with a checkpoint every rank writes part of,
+    plus where the worker's time went outside the epoch: ``worker_started_at`` (Unix time),
+    ``setup_seconds``, ``dataset_shared`` (1: the study's split, not loaded here),
+    ``checkpoint_seconds`` (writing this checkpoint) and ``reported_at`` (Unix time of this
+    report).
 
     Verified in Ray 2.60 (``ray/train/v2/_internal/execution/context.py`` ``report`` and
     ``storage.py`` ``persist_current_checkpoint``; documented in ``ray.train.report``): the
@@ -406,8 +425,15 @@ def report(runtime: Runtime, metrics: dict[str, float]) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
+        writing = time.perf_counter()
         save_checkpoint(runtime, Path(directory), metrics)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        timings = {"worker_started_at": runtime.started_at,
+                   "setup_seconds": runtime.setup_seconds,
+                   "dataset_shared": float(runtime.dataset_shared),
+                   "checkpoint_seconds": time.perf_counter() - writing,
+                   "reported_at": time.time()}
+        ray.train.report({**metrics, **timings},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def _report_divergence(runtime: Runtime, metrics: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from study.driver import InterruptWatch, build_tuner, check_new_study, open_parent_run
 from study.options import StudyOptions
-from study.progress import ProgressTable
+from study.progress import ProgressView
 from study.run import build_parser, options_from_args
 from study.searcher import ACCURACY, COMPUTE
 from workers.config import ConfigError
@@ -57,13 +57,14 @@ def test_epochs_and_resources_come_from_the_trial_configs(tmp_path: Path) -> Non
     assert states == {"early": optuna.trial.TrialState.PRUNED,
                       "full": optuna.trial.TrialState.COMPLETE}
     progress = next(c for c in tuner._local_tuner.get_run_config().callbacks
-                    if isinstance(c, ProgressTable))
+                    if isinstance(c, ProgressView))
     lines: list[str] = []
-    progress.stream = SimpleNamespace(write=lines.append, flush=lambda: None)
+    progress.stream = SimpleNamespace(write=lines.append, flush=lambda: None,
+                                      isatty=lambda: False)
     trial = SimpleNamespace(trial_id="early", config={"trial": {"epochs": 3}},
                             last_result={"epoch": 1, ACCURACY: 0.5, COMPUTE: 1e6})
     progress.on_trial_complete(0, [], trial)
-    assert lines[-1].rstrip().endswith("pruned")
+    assert " · pruned 1 · " in lines[-1] and " · complete 0 · " in lines[-1]
 
 
 def test_mlflow_artifacts_go_beside_the_store_not_into_the_working_directory(

@@ -32,6 +32,7 @@ from ._load import (
     DatasetSplit,
     Source,
     check_data_config,
+    dataset_key,
     load_dataset,
     parse_data_config,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "cached_labels",
     "check_data_config",
     "check_shards",
+    "dataset_key",
     "decode_image",
     "decode_image_pixels",
     "decode_shard_rows",

@@ -228,6 +228,14 @@ _CONTENT_CHECKS: dict[str, Callable[[Path], object]] = {
     "shards": check_shards}
 
 
+def dataset_key(config: DataConfig) -> str | None:
+    """What identifies ``load_dataset(config)``'s result for sharing: the validated config as
+    JSON (defaults included), or None for source ``shards`` (its loading reads a manifest and
+    the held-out shards; Ray Data streams the rest). A study loads each key once and hands the
+    split to every trial's workers instead of each worker loading, indexing and splitting."""
+    return None if config.source == "shards" else config.model_dump_json()
+
+
 def load_dataset(config: DataConfig) -> DatasetSplit:
     """Load, validate and split the configured data; every input error is raised here
     (source ``shards``: the manifest and the held-out shards; ``check_data_config`` checks
