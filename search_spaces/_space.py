@@ -14,9 +14,16 @@ A space file (schema version 1)::
       head.sample_ratio: {distribution: log_uniform, low: 0.05, high: 1.0}
       head.sampling:     {distribution: categorical, choices: [uniform, batch]}
       model.width:       {distribution: int, low: 16, high: 64, step: 16}
+    defaults:                  # optional: where --warm-start starts, by searched key
+      loss.margin: 0.45
 
 ``loss.*`` ranges must lie inside the loss's allowed domain; every other key is checked by
 validating trial configs built from the range's end points (or each choice).
+
+Warm start (``SearchSpace.warm_start``) starts from the published setting, kept once: each
+loss's own defaults (the papers', ``workers.losses``) and the trial config's for the rest
+(full softmax ``head.sample_ratio = 1``, ``optim.lr = 0.1``, …). A ``defaults`` entry replaces
+one; it must name a searched key and lie inside its range (or be one of its choices).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ from workers.losses import Choice, Interval, get_loss_class
 
 SPACE_VERSION = 1
 DISTRIBUTIONS = ("uniform", "log_uniform", "int", "categorical")
-_TOP_LEVEL = {"version", "name", "loss", "description", "fixed", "params"}
+_TOP_LEVEL = {"version", "name", "loss", "description", "fixed", "params", "defaults"}
 _SPEC_KEYS = {
     "uniform": {"distribution", "low", "high"},
     "log_uniform": {"distribution", "low", "high"},
@@ -84,6 +91,28 @@ class Parameter:
         return trial.suggest_float(name, float(self.low), float(self.high),
                                    log=self.distribution == "log_uniform")
 
+    def contains(self, value: Any) -> bool:
+        """Whether Optuna can hand out ``value``: one of the choices, or a number in
+        ``[low, high]`` (for ``int`` an integer on the step grid from ``low``)."""
+        if self.distribution == "categorical":
+            return any(isinstance(value, bool) == isinstance(choice, bool) and value == choice
+                       for choice in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.distribution == "int":
+            return isinstance(value, int) and self.low <= value <= self.high \
+                and (value - self.low) % self.step == 0
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        """The values ``contains`` accepts, in words."""
+        if self.distribution == "categorical":
+            return f"one of {list(self.choices)}"
+        if self.distribution == "int":
+            step = f" in steps of {self.step}" if self.step != 1 else ""
+            return f"an integer in [{self.low}, {self.high}]{step}"
+        return f"a number in [{self.low}, {self.high}]"
+
     def end_points(self) -> list[Any]:
         """The values a range can reach at its extremes (or every choice)."""
         if self.distribution == "categorical":
@@ -103,6 +132,8 @@ class SearchSpace:
     params: tuple[Parameter, ...]
     path: str
     description: str = ""
+    #: the file's ``defaults``: warm-start values by searched key (validated)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def distributions(self, prefix: str = "") -> dict[str, optuna.distributions.BaseDistribution]:
         """Optuna distributions by parameter name (``prefix + key``)."""
@@ -111,6 +142,35 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial, prefix: str = "") -> dict[str, Any]:
         """Sample every parameter on ``trial`` (define-by-run); returns ``{key: value}``."""
         return {p.key: p.suggest(trial, prefix + p.key) for p in self.params}
+
+    def warm_start(self, prefix: str = "") -> dict[str, Any]:
+        """Where a warm-started study starts this space, as ``{prefix + key: value}`` over the
+        searched keys: ``defaults.<key>`` when the file gives it, else the value a trial of this
+        space has when the key is not searched (the loss's own default for ``loss.*``, the
+        trial config's for the rest). ``SpaceError``: one line per such value outside its
+        range, or the trial config's own lines when the values do not build one."""
+        unsearched = parse_trial_config(self.trial_config({}), self.path).model_dump(mode="json")
+        unsearched["loss"]["hyperparameters"] = {
+            **{spec.name: spec.default for spec in get_loss_class(self.loss).hyperparameters()},
+            **unsearched["loss"]["hyperparameters"]}
+        values, errors = {}, []
+        for parameter in self.params:
+            found, value = (True, self.defaults[parameter.key]) if parameter.key in \
+                self.defaults else _get_dotted(unsearched, parameter.key)
+            if found and parameter.contains(value):
+                values[parameter.key] = value
+                continue
+            shown = f"its default {value!r} is not {parameter.describe()}" if found \
+                else "it has no default"
+            errors.append(f"{self.path}: params.{parameter.key}: {shown}; give "
+                          f"defaults.{parameter.key} to warm-start this space")
+        if errors:
+            raise SpaceError(errors)
+        try:
+            parse_trial_config(self.trial_config(values), f"{self.path}: warm start")
+        except ConfigError as error:
+            raise SpaceError(error.lines) from None
+        return {prefix + key: value for key, value in values.items()}
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every combination of the categorical choices as ``{key: value}`` (the Cartesian
@@ -233,9 +293,38 @@ def parse_space(data: Any, source: str) -> SearchSpace:
             params.append(parameter)
     if loss_class is not None:
         errors += _check_against_trial_config(loss_class.name, fixed, params, source)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        errors.append(f"{source}: defaults must be a mapping of searched key: value, got "
+                      f"{type(defaults).__name__}")
+        defaults = {}
+    errors += _check_defaults(defaults, params, source)
     if errors:
         raise SpaceError(errors)
-    return SearchSpace(name, loss, fixed, tuple(params), source, data.get("description", ""))
+    space = SearchSpace(name, loss, fixed, tuple(params), source, data.get("description", ""),
+                        defaults)
+    if defaults:  # together too (a filter threshold needs cosine logits): a valid trial config
+        try:
+            parse_trial_config(space.trial_config(defaults), f"{source}: defaults")
+        except ConfigError as error:
+            raise SpaceError(error.lines) from None
+    return space
+
+
+def _check_defaults(defaults: Mapping[str, Any], params: Sequence[Parameter],
+                    source: str) -> list[str]:
+    """Each ``defaults`` entry names a searched key and is a value its range can hand out."""
+    by_key = {parameter.key: parameter for parameter in params}
+    errors = []
+    for key, value in defaults.items():
+        parameter = by_key.get(key)
+        if parameter is None:
+            errors.append(f"{source}: defaults.{key}: not a searched key; allowed: "
+                          f"{sorted(by_key)}")
+        elif not parameter.contains(value):
+            errors.append(f"{source}: defaults.{key} = {value!r} must be "
+                          f"{parameter.describe()} (params.{key})")
+    return errors
 
 
 def _parse_parameter(key: str, spec: Any, source: str) -> tuple[Parameter | None, list[str]]:
@@ -339,6 +428,20 @@ def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def _get_dotted(config: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    """``(True, value)`` of ``a.b`` in a nested mapping (``loss.x``: the loss's
+    hyperparameters), ``(False, None)`` when absent; ``_set_dotted``'s inverse."""
+    parts = key.split(".")
+    if parts[0] == "loss":
+        parts = ["loss", "hyperparameters", *parts[1:]]
+    node: Any = config
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

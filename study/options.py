@@ -82,7 +82,7 @@ class StudyOptions:
     ray_address: str | None = None
     #: enqueue each space's published setting (``SearchSpace.warm_start``) as the first trials
     warm_start: bool = False
-    #: the FAR of the recommendation (one of ``workers.evaluation.FARS``)
+    #: the FAR of the recommendation (one of ``workers.config.FARS``)
     target_far: float = 1e-3
     #: how far below the best TAR a recommendation may be (None: the best trial's fold spread)
     epsilon: float | None = None

@@ -18,7 +18,8 @@ genuine pairs it accepts.
 
 ``write_recommendation`` exports ``recommended.yaml`` — the trial's config, which
 ``python -m workers.train --config recommended.yaml`` runs, under a comment header holding the
-operating point (uncomment it for YAML) — and ``recommended.md``, one paragraph on why.
+operating point (the ``# recommendation:`` block: YAML once uncommented) — and
+``recommended.md``, one paragraph on why.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ class Recommendation:
 def recommend(points: Sequence[Point], far: float, epsilon: float | None = None
               ) -> Recommendation:
     """The cheapest of ``points`` whose TAR at ``far`` is within ε of the best (module
-    docstring); ``NoRecommendation`` when no point reports TAR at ``far``, or when ε is the
-    reference's fold spread and it does not report one."""
-    name = TAR_AT_FAR.format(far=far)
-    scored = [p for p in points if name in p.metrics]
+    docstring); ``NoRecommendation`` when no point reports TAR and its threshold at ``far``,
+    or when ε is the reference's fold spread and it does not report one."""
+    name, threshold = TAR_AT_FAR.format(far=far), THRESHOLD_AT_FAR.format(far=far)
+    scored = [p for p in points if name in p.metrics and threshold in p.metrics]
     if not scored:
-        held = f"none of the {len(points)} completed trials reports {name}" if points \
-            else "no trial completed"
+        held = f"none of the {len(points)} completed trials reports {name} and {threshold}" \
+            if points else "no trial completed"
         raise NoRecommendation(
             f"no recommendation at --target-far {far:g}: {held} (a FAR is reported when FAR × "
             f"impostor pairs ≥ 1; held-out pairs are half impostors, so evaluation.num_pairs ≥ "

@@ -34,8 +34,7 @@ if __package__ in (None, ""):  # ``python study/run.py``: make the project impor
 from search_spaces import SearchSpace, SpaceError, load_spaces, shipped_space_files, study_grid
 from study.options import SAMPLERS, SCHEDULERS, StudyOptions, redact_uri, split_credentials
 from workers.cli import OneLineParser
-from workers.config import ConfigError, parse_trial_config, parse_yaml
-from workers.evaluation import FARS
+from workers.config import FARS, ConfigError, parse_trial_config, parse_yaml
 
 HOME = Path(os.environ.get("MARGINLAB_HOME", Path.home() / ".marginlab")).expanduser()
 DEFAULT_SPACES = ("normface", "arcface")

@@ -115,6 +115,11 @@ class ResourcesSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
+#: the false-accept rates at which evaluation reports TAR and its threshold (those a pair
+#: set's impostor count resolves)
+FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
+
+
 class EvaluationSpec(_Strict):
     """Open-set verification on held-out identities (and ``data.pair_files``), every epoch.
 

@@ -14,9 +14,12 @@ Everything returns plain ``dict[str, float]`` with stable names (the train loop 
   for each fold the threshold with the best accuracy on the other 9 is applied to it; mean
   and (population) std of the 10 fold accuracies, mean of the thresholds;
 - ``tar_at_far_1e-01`` … ``tar_at_far_1e-04``: the true-accept rate at the lowest threshold
-  whose false-accept rate is ≤ FAR. A FAR is reported only when the impostor count resolves
-  it, i.e. ``FAR · impostors ≥ 1`` (at least one impostor may be accepted); otherwise the key
-  is absent;
+  whose false-accept rate is ≤ FAR (``far_operating_point``), with ``threshold_at_far_<FAR>``,
+  that threshold (a pair is accepted when its cosine is above it), and
+  ``tar_at_far_<FAR>_std``, the (population) std over the 10 folds of the fraction of each
+  fold's genuine pairs accepted at it. A FAR is reported only when the impostor count resolves
+  it, i.e. ``FAR · impostors ≥ 1`` (at least one impostor may be accepted); otherwise the keys
+  are absent;
 - ``roc_auc``: area under the ROC curve (Mann–Whitney statistic, ties count ½);
 - ``intra_compactness``: mean over samples of cos(x, mean of its class);
 - ``inter_separation_mean`` / ``inter_separation_p99``: mean and 99th percentile of the
@@ -37,13 +40,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 
+from workers.config import FARS
 from workers.data import LabelledDataset, PairSet
 from workers.head import HeadShard, all_gather_rows, all_reduce_sum, partition_n_into_range
 from workers.seeding import derive_seed
 
-FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
+#: metric names at one FAR (``.format(far=far)``): TAR, its fold spread, the threshold
+TAR_AT_FAR = "tar_at_far_{far:.0e}"
+TAR_AT_FAR_STD = "tar_at_far_{far:.0e}_std"
+THRESHOLD_AT_FAR = "threshold_at_far_{far:.0e}"
 #: class statistics of the held-out embeddings, reported as ``heldout_<name>``
 HELDOUT_STATISTICS = ("intra_compactness", "inter_separation_mean", "inter_separation_p99")
 
@@ -196,18 +202,41 @@ def _best_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
     return float((sorted_scores[cut - 1] + sorted_scores[cut]) / 2)
 
 
-def tar_at_far(scores: np.ndarray, issame: np.ndarray, far: float) -> float:
-    """True-accept rate at the lowest threshold whose false-accept rate is ≤ ``far``."""
+def far_operating_point(scores: np.ndarray, issame: np.ndarray,
+                        far: float) -> tuple[float, float]:
+    """``(threshold, TAR)`` at the lowest threshold whose false-accept rate is ≤ ``far``.
+
+    A pair is accepted when its score is above the threshold. With the I impostor scores
+    sorted descending as ``s_0 ≥ s_1 ≥ …``, at most ``k = ⌊far·I⌋`` of them may be accepted,
+    so the threshold is ``s_k`` (``−inf`` when ``k ≥ I``: every pair is accepted) and
+    TAR is the fraction of genuine scores above it.
+    """
     impostor = np.sort(scores[~issame])[::-1]
     allowed = int(np.floor(far * len(impostor) + 1e-9))
     if allowed >= len(impostor):
-        return 1.0
-    return float(np.mean(scores[issame] > impostor[allowed]))
+        return float("-inf"), 1.0
+    threshold = float(impostor[allowed])
+    return threshold, float(np.mean(scores[issame] > threshold))
+
+
+def tar_at_far(scores: np.ndarray, issame: np.ndarray, far: float) -> float:
+    """True-accept rate at the lowest threshold whose false-accept rate is ≤ ``far``
+    (``far_operating_point``'s TAR)."""
+    return far_operating_point(scores, issame, far)[1]
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing the mean of their ranks (``scipy.stats.rankdata``
+    with ``method="average"``, without importing SciPy into every worker): a value whose group
+    of ``c`` equal values ends at sorted position ``e`` ranks ``e − (c − 1)/2``."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
 
 
 def verification_metrics(scores: np.ndarray | torch.Tensor, issame: np.ndarray | torch.Tensor,
                          folds: int = 10, fars: Sequence[float] = FARS) -> dict[str, float]:
-    """k-fold accuracy (LFW protocol), TAR at the resolvable FARs and ROC AUC of pair scores."""
+    """k-fold accuracy (LFW protocol), TAR with its threshold and fold spread at the
+    resolvable FARs, and ROC AUC of pair scores (names: module docstring)."""
     scores = np.asarray(scores, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     num_genuine, num_impostor = int(issame.sum()), int((~issame).sum())
@@ -217,12 +246,13 @@ def verification_metrics(scores: np.ndarray | torch.Tensor, issame: np.ndarray |
                          f"impostor pairs; got {len(scores)} scores, {len(issame)} labels, "
                          f"{num_genuine} genuine")
     accuracies, thresholds = [], []
-    for test in np.array_split(np.arange(len(scores)), folds):
+    fold_indices = np.array_split(np.arange(len(scores)), folds)
+    for test in fold_indices:
         train = np.setdiff1d(np.arange(len(scores)), test, assume_unique=True)
         threshold = _best_threshold(scores[train], issame[train])
         accuracies.append(np.mean((scores[test] >= threshold) == issame[test]))
         thresholds.append(threshold)
-    ranks = rankdata(scores)
+    ranks = average_ranks(scores)
     auc = (ranks[issame].sum() - num_genuine * (num_genuine + 1) / 2) / (num_genuine
                                                                           * num_impostor)
     metrics = {
@@ -233,7 +263,13 @@ def verification_metrics(scores: np.ndarray | torch.Tensor, issame: np.ndarray |
     }
     for far in fars:
         if far * num_impostor >= 1:
-            metrics[f"tar_at_far_{far:.0e}"] = tar_at_far(scores, issame, far)
+            threshold, tar = far_operating_point(scores, issame, far)
+            accepted = scores > threshold
+            fold_tars = [accepted[test][issame[test]].mean() for test in fold_indices
+                         if issame[test].any()]
+            metrics[TAR_AT_FAR.format(far=far)] = tar
+            metrics[TAR_AT_FAR_STD.format(far=far)] = float(np.std(fold_tars))
+            metrics[THRESHOLD_AT_FAR.format(far=far)] = threshold
     return metrics
 
 

@@ -67,7 +67,7 @@ def test_all_errors_of_a_file_at_once() -> None:
             "optim.lr": {"distribution": "gaussian"},
         }, extra=1), "bad.yaml")
     lines = error.value.lines
-    assert any("bad.yaml: extra: unknown top-level key; allowed: ['description'" in x
+    assert any("bad.yaml: extra: unknown top-level key; allowed: ['defaults', 'description'" in x
                for x in lines)
     assert any("params.loss.scale.low = 0.0 must be > 0 for a log scale" in x for x in lines)
     assert any("params.loss.margin: 1.7 rad is outside" in x for x in lines)
@@ -181,3 +181,79 @@ def test_trial_config_nests_dotted_keys_and_loss_hyperparameters() -> None:
                       "loss": {"name": "arcface",
                                "hyperparameters": {"scale": 32.0, "margin": 0.3}}}
     assert parse_trial_config(config).loss.build().margin == 0.3
+
+
+#: the published settings (LOSSES.md) a warm-started study starts each family from
+PUBLISHED = {
+    "arcface": {"loss.scale": 64.0, "loss.margin": 0.5, "loss.margin_grad": "true"},
+    "cosface": {"loss.scale": 64.0, "loss.margin": 0.35},
+    "combined": {"loss.m1": 1.0, "loss.m2": 0.3, "loss.m3": 0.2},
+    "magface": {"loss.l_a": 10.0, "loss.u_a": 110.0, "loss.l_m": 0.45, "loss.u_m": 0.8,
+                "loss.lambda_g": 35.0},
+    "adaface": {"loss.scale": 64.0, "loss.margin": 0.4, "loss.h": 0.333},
+    "sphereface": {"loss.margin": 4, "loss.lambda_min": 5.0},
+    "subcenter_arcface": {"loss.subcenters": 3, "loss.margin": 0.5,
+                          "head.filter_threshold": 0.0},
+}
+
+
+def test_warm_start_is_the_published_setting_for_every_shipped_space() -> None:
+    for space in load_spaces(shipped_space_files()):
+        values = space.warm_start()
+        assert set(values) == {p.key for p in space.params}, space.name
+        # full softmax at the trial config's learning rate, then the loss's published values
+        assert values["head.sample_ratio"] == 1.0 and values["optim.lr"] == 0.1, space.name
+        assert values.items() >= PUBLISHED.get(space.name, {}).items(), space.name
+        parse_trial_config(space.trial_config(values), space.path)
+    arcface = load_space(shipped_space_files()[1])
+    assert arcface.warm_start("arcface.") == {
+        "arcface.loss.margin": 0.5, "arcface.loss.scale": 64.0, "arcface.loss.margin_grad": "true",
+        "arcface.head.sample_ratio": 1.0, "arcface.head.sampling": "uniform",
+        "arcface.optim.lr": 0.1}
+
+
+def test_defaults_replace_the_published_values_and_must_lie_in_the_ranges() -> None:
+    params = {"loss.margin": {"distribution": "uniform", "low": 0.2, "high": 0.4},
+              "loss.subcenters": {"distribution": "int", "low": 1, "high": 5, "step": 2},
+              "head.sampling": {"distribution": "categorical", "choices": ["uniform", "batch"]}}
+    space = parse_space({**_space(params, defaults={"loss.margin": 0.3, "loss.subcenters": 5,
+                                                    "head.sampling": "batch"}),
+                         "loss": "subcenter_arcface"}, "ok.yaml")
+    assert space.warm_start() == {"loss.margin": 0.3, "loss.subcenters": 5,
+                                  "head.sampling": "batch"}
+    with pytest.raises(SpaceError) as error:
+        parse_space({**_space(params, defaults={
+            "loss.margin": 0.5, "loss.subcenters": 2, "head.sampling": "topk",
+            "optim.lr": 0.1}), "loss": "subcenter_arcface"}, "bad.yaml")
+    assert error.value.lines == [
+        "bad.yaml: defaults.loss.margin = 0.5 must be a number in [0.2, 0.4] (params.loss.margin)",
+        "bad.yaml: defaults.loss.subcenters = 2 must be an integer in [1, 5] in steps of 2 "
+        "(params.loss.subcenters)",
+        "bad.yaml: defaults.head.sampling = 'topk' must be one of ['uniform', 'batch'] "
+        "(params.head.sampling)",
+        "bad.yaml: defaults.optim.lr: not a searched key; allowed: ['head.sampling', "
+        "'loss.margin', 'loss.subcenters']"]
+    # a range without the published value, or a key with no default, needs a defaults entry
+    narrowed = parse_space(_space({
+        "loss.margin": {"distribution": "uniform", "low": 0.2, "high": 0.4},
+        "data.num_identities": {"distribution": "int", "low": 100, "high": 200}}), "narrow.yaml")
+    with pytest.raises(SpaceError) as error:
+        narrowed.warm_start()
+    assert error.value.lines == [
+        "narrow.yaml: params.loss.margin: its default 0.5 is not a number in [0.2, 0.4]; give "
+        "defaults.loss.margin to warm-start this space",
+        "narrow.yaml: params.data.num_identities: it has no default; give "
+        "defaults.data.num_identities to warm-start this space"]
+
+
+def test_defaults_must_build_a_trial_config_together() -> None:
+    params = {"loss.normalized": {"distribution": "categorical", "choices": [True, False]},
+              "head.filter_threshold": {"distribution": "categorical", "choices": [0.0, 0.4]}}
+    data = {**_space(params, fixed={"loss": {"normalized": True}}), "loss": "virtual"}
+    assert parse_space(data, "v.yaml").warm_start() == {"loss.normalized": True,
+                                                        "head.filter_threshold": 0.0}
+    with pytest.raises(SpaceError) as error:  # each value is allowed, the pair is not
+        parse_space({**data, "defaults": {"loss.normalized": False,
+                                          "head.filter_threshold": 0.4}}, "v.yaml")
+    assert error.value.lines == ["v.yaml: defaults: config: head.filter_threshold = 0.4 needs a "
+                                 "loss with cosine logits; virtual does not normalise both"]

@@ -460,3 +460,15 @@ def test_sharded_evaluation_equals_one_process(distributed_evaluation: Any,
         # one process calls no collective; several call each with the explicit group
         assert all(record["explicit_group"])
         assert bool(record["explicit_group"]) == (world_size > 1)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_ranks_equal_scipys(ties: bool) -> None:
+    from scipy.stats import rankdata
+
+    from workers.evaluation import average_ranks
+
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 9, 1000):
+        values = rng.integers(0, 4, size).astype(float) if ties else rng.normal(size=size)
+        np.testing.assert_array_equal(average_ranks(values), rankdata(values))
