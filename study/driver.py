@@ -258,11 +258,10 @@ def build_tuner(options: StudyOptions, experiment_id: str, parent_run_id: str,
 
 
 def enqueue_warm_start(options: StudyOptions) -> int:
-    """With ``--warm-start``, enqueue each space's published setting (``SearchSpace.warm_start``)
-    in the study's Optuna storage, under the names ``SpaceSampler`` samples (``<space>.<key>``
-    and the ``space`` choice when the study has several spaces): Optuna hands them out first,
-    as trials 0, 1, …. Only into a study without trials (a resumed one enqueued them when it
-    began). Returns how many were enqueued."""
+    """With ``--warm-start``, enqueue each space's published setting
+    (``SpaceSampler.warm_start_points``) in the study's Optuna storage: Optuna hands them out
+    first, as trials 0, 1, …. Only into a study without trials (a resumed one enqueued them
+    when it began). Returns how many were enqueued."""
     import optuna
 
     if not options.warm_start:
@@ -270,11 +269,10 @@ def enqueue_warm_start(options: StudyOptions) -> int:
     study = optuna.load_study(study_name=options.name, storage=options.optuna_url)
     if study.get_trials(deepcopy=False):
         return 0
-    several = len(options.spaces) > 1
-    for space in options.spaces:
-        params = space.warm_start(f"{space.name}." if several else "")
-        study.enqueue_trial({"space": space.name, **params} if several else params)
-    return len(options.spaces)
+    points = SpaceSampler(options.spaces, options.base).warm_start_points()
+    for point in points:
+        study.enqueue_trial(point)
+    return len(points)
 
 
 def close_interrupted(options: StudyOptions, experiment_id: str, parent_run_id: str) -> int:

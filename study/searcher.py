@@ -33,6 +33,8 @@ OBJECTIVES = (ACCURACY, COMPUTE)
 MODES = ("max", "min")
 #: the one Optuna parameter of a grid study: an index into ``study_grid(spaces)``
 GRID_PARAM = "grid_point"
+#: the Optuna parameter choosing a multi-space study's space
+SPACE_PARAM = "space"
 
 
 class SpaceSampler:
@@ -54,11 +56,23 @@ class SpaceSampler:
             space, values = self.grid[index]
         else:
             names = list(self.spaces)
-            name = names[0] if len(names) == 1 else trial.suggest_categorical("space", names)
+            name = names[0] if len(names) == 1 else trial.suggest_categorical(SPACE_PARAM, names)
             space = self.spaces[name]
-            values = space.suggest(trial, "" if len(names) == 1 else f"{name}.")
+            values = space.suggest(trial, self._prefix(name))
         config = parse_trial_config(space.trial_config(values, self.base), space.path)
         return {"space_name": space.name, "trial": config.model_dump(mode="json")}
+
+    def _prefix(self, name: str) -> str:
+        """How space ``name``'s parameters are named in Optuna: bare in a one-space study,
+        ``<space>.<key>`` in a multi-space one (families never share a distribution)."""
+        return "" if len(self.spaces) == 1 else f"{name}."
+
+    def warm_start_points(self) -> list[dict[str, Any]]:
+        """Each space's published setting (``SearchSpace.warm_start``) as the Optuna params
+        ``__call__`` samples, for ``Study.enqueue_trial``: one point per space."""
+        several = len(self.spaces) > 1
+        return [{**({SPACE_PARAM: name} if several else {}),
+                 **space.warm_start(self._prefix(name))} for name, space in self.spaces.items()]
 
 
 class StudyGridSampler(optuna.samplers.GridSampler):
