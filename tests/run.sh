@@ -9,6 +9,8 @@ if ! command -v chromium >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# the glyph dataset tests render the CI set of Debian CJK fonts (a no-op when installed)
+bash workers/data/install_fonts.sh --ci
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     . .venv/bin/activate
 fi
