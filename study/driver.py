@@ -60,12 +60,10 @@ from study.tracking import (
     RetryingClient,
 )
 from workers.config import ConfigError
-from workers.train import alive_nodes
+from workers.train import TRAIN_ENV, alive_nodes
 
 logger = logging.getLogger(__name__)
 
-#: Ray Train polls worker health this often (the 2 s default adds ~1.3 s per report)
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 #: the driver process: no MLflow download progress bars; let a diverged trial's last result
 #: lack the objectives (StudySearch records it as FAIL instead of Tune aborting the study);
 #: Tune's legacy reporter, silent at ``verbose=0`` (the new one prints its banner whatever
@@ -342,14 +340,14 @@ def run_study(options: StudyOptions) -> StudyResult:
 
     started = time.perf_counter()
     quiet_libraries()
-    os.environ.update(RAY_ENV)
+    os.environ.update(TRAIN_ENV)
     os.environ.update(DRIVER_ENV)
     os.environ.update(options.tracking_credentials)
     mlflow.set_tracking_uri(options.tracking_uri)
     check_new_study(options)
     if not ray.is_initialized():
         ray.init(address=options.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": RAY_ENV})
+                 runtime_env={"env_vars": TRAIN_ENV})
     cluster = ray.cluster_resources()
     if problems := options.resource_problems(cluster, nodes=alive_nodes()):
         raise ConfigError(problems)

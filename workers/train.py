@@ -33,8 +33,13 @@ from workers.train_loop import CHECKPOINT_FILE, HEAD_DIR, check_checkpoint, trai
 #: the export's sharded class centres (a head checkpoint without optimizer state)
 CENTRES_DIR = "class_centres"
 
-#: Ray Train checks worker health this often; the default (2 s) adds ~1.3 s to every report
-HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+#: Ray Train's settings for every run (the driver's environment and the job's runtime env):
+#: worker health polled every 0.2 s (the 2 s default adds ~1.3 s to every report), and a
+#: worker group given 300 s to start (the 60 s default fails trials on a busy node — several
+#: trials' workers importing torch at once — that would have started; a group no node can
+#: hold is refused before it is asked for: ``check_resources``)
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 #: controller failures (worker-group start-up timeouts) a run retries before it fails
 CONTROLLER_RETRIES = 3
 
@@ -203,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --resume-from: {error}", file=sys.stderr)
             return 2
 
-    os.environ.update(HEALTH_CHECK_ENV)
+    os.environ.update(TRAIN_ENV)
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
-                 runtime_env={"env_vars": HEALTH_CHECK_ENV})
+                 runtime_env={"env_vars": TRAIN_ENV})
     try:
         check_resources(trial, ray.cluster_resources(), args.config, flags,
                         nodes=alive_nodes())

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from workers.train import HEALTH_CHECK_ENV
+from workers.train import TRAIN_ENV
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,8 @@ def ray_local() -> Iterator[Any]:
     """``ray.init`` with 2 CPUs and the fast health check; shut down after the module."""
     import ray
 
-    os.environ.update(HEALTH_CHECK_ENV)
+    os.environ.update(TRAIN_ENV)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": HEALTH_CHECK_ENV})
+             runtime_env={"env_vars": TRAIN_ENV})
     yield ray
     ray.shutdown()
