@@ -1,6 +1,9 @@
 """Benchmark one training step (forward + backward) of the sampled softmax head.
 
-Beside ``SampledSoftmaxHead`` (ArcFace, s = 64, m = 0.5) it times, on the same shapes:
+Beside ``SampledSoftmaxHead`` (ArcFace, s = 64, m = 0.5) — at each logit budget of
+``--budgets`` (MiB of chunk logits kept for backward; 0 recomputes every chunk, the default is
+the head's default) and each ``unsampled_rows`` policy of ``--policies`` — it times, on the same
+shapes:
 
 * ``naive``: the materialised softmax — normalise, linear, ArcFace margin on the target
   column, ``F.cross_entropy`` — over all C classes (one process);
@@ -19,7 +22,12 @@ Configurations estimated above ``--max-gib`` (or 70 % of the available memory) a
 with the reason printed.
 
 CPU runs use ``--threads`` threads per process (default 1): on a machine whose cores are shared,
-more threads than idle cores make every parallel op wait at its barrier.
+more threads than idle cores make every parallel op wait at its barrier. CPU time includes the
+kernel's page faults on every fresh large tensor (glibc maps and unmaps each one): with
+``unsampled_rows='dense'`` at r < 1 the zeroed ``C_shard × D`` gradient alone costs about 0.2×
+the floor in them at N = 1024, D = 512, C = 100k. ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU
+allocator then asks for transparent huge pages) cuts that ~7×, for every method alike; each
+record notes it as ``thp``.
 
 Usage: ``python bench/head.py [--quick] [--batch 1024] [--classes 100000] [--ratios 0.1] ...``;
 results are merged into ``bench/results/head.json``.
@@ -49,6 +57,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from workers.head import SampledSoftmaxHead
+from workers.head.head import DEFAULT_LOGIT_BUDGET_MB
 from workers.losses import Target, build_loss
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head.json"
@@ -68,6 +77,14 @@ class Config:
     ratio: float
     device: str
     threads: int
+    #: the head's ``logit_budget_mb`` and ``unsampled_rows`` (other methods: the defaults)
+    logit_budget_mb: float = DEFAULT_LOGIT_BUDGET_MB
+    unsampled_rows: str = "dense"
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Config:
+        """The configuration of a result record (fields added later take their defaults)."""
+        return cls(**{name: record[name] for name in cls.__dataclass_fields__ if name in record})
 
     @property
     def sampled(self) -> int:
@@ -76,15 +93,18 @@ class Config:
 
     def key(self) -> tuple[Any, ...]:
         return (self.method, self.world_size, self.batch, self.dim, self.classes, self.ratio,
-                self.device)
+                self.device, self.logit_budget_mb, self.unsampled_rows)
 
 
 def estimated_bytes(cfg: Config) -> int:
-    """Rough peak of one process: the parameter, its gradient and the step's temporaries."""
+    """Rough peak of one process: the parameter, its gradient, the kept logits and the step's
+    temporaries."""
     n, d, c, k = cfg.batch, cfg.dim, cfg.classes, cfg.sampled
     if cfg.method == "head":
         shard = -(-c // cfg.world_size)
-        return FLOAT * (2 * shard * d + 8 * n * d) + 6 * 2**21 * FLOAT
+        gradient = -(-k // cfg.world_size) if cfg.unsampled_rows == "sparse" else shard
+        kept = min(int(cfg.logit_budget_mb * 2**20), FLOAT * n * -(-k // cfg.world_size))
+        return FLOAT * ((shard + gradient) * d + 8 * n * d) + 6 * 2**21 * FLOAT + kept
     if cfg.method == "floor":
         return FLOAT * (2 * k * d + n * k + 2 * n * d)
     if cfg.method == "naive":
@@ -114,7 +134,8 @@ def make_step(cfg: Config, rank: int,
     loss = build_loss("arcface")
     if cfg.method == "head":
         head = SampledSoftmaxHead(cfg.dim, cfg.classes, loss, cfg.ratio, process_group=group,
-                                  device=device)
+                                  unsampled_rows=cfg.unsampled_rows,
+                                  logit_budget_mb=cfg.logit_budget_mb, device=device)
 
         def step() -> None:
             head(x, labels).backward()
@@ -264,8 +285,10 @@ def plan(args: argparse.Namespace, device: str) -> list[Config]:
         for classes in args.classes:
             for ratio in args.ratios:
                 for world_size in args.world_sizes:
-                    configs.append(Config("head", world_size, batch, args.dim, classes, ratio,
-                                          device, args.threads))
+                    for budget in args.budgets:
+                        for policy in args.policies:
+                            configs.append(Config("head", world_size, batch, args.dim, classes,
+                                                  ratio, device, args.threads, budget, policy))
                 configs.append(Config("floor", 1, batch, args.dim, classes, ratio, device,
                                       args.threads))
             for method in ("naive", "pml"):
@@ -281,7 +304,8 @@ def run(cfg: Config, max_bytes: int) -> dict[str, Any]:
     mapped and unmapped on its own and RSS follows the live tensors; the timing run keeps the
     default allocator.
     """
-    record: dict[str, Any] = asdict(cfg)
+    record: dict[str, Any] = {**asdict(cfg),
+                              "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "") == "1"}
     reason = skip_reason(cfg, max_bytes)
     for mode in ("time", "memory"):
         if reason is not None:
@@ -297,34 +321,49 @@ def run(cfg: Config, max_bytes: int) -> dict[str, Any]:
             reason = f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}"
     if reason is None:
         return record
-    print(f"skip {cfg.method} world={cfg.world_size} N={cfg.batch} C={cfg.classes} "
-          f"r={cfg.ratio}: {reason}", flush=True)
+    print(f"skip {describe(cfg)}: {reason}", flush=True)
     record["skipped"] = reason
     return record
 
 
+def describe(cfg: Config) -> str:
+    head = (f" budget={cfg.logit_budget_mb:g}MiB rows={cfg.unsampled_rows}"
+            if cfg.method == "head" else "")
+    return (f"{cfg.method} world={cfg.world_size} N={cfg.batch} C={cfg.classes} "
+            f"r={cfg.ratio}{head}")
+
+
 def table(records: list[dict[str, Any]]) -> None:
     """Print every measured configuration and the head's ratios to naive and floor."""
+    measured = [r for r in records if "ms" in r]
     index = {(r["method"], r["world_size"], r["batch"], r["classes"], r["ratio"]): r
-             for r in records if "ms" in r}
-    print(f"{'method':<6} {'W':>2} {'N':>5} {'C':>8} {'r':>4} {'ms':>9} {'cpu ms':>9} "
-          f"{'extra MiB':>10} {'param MiB':>10} {'t/naive':>8} {'t/floor':>8} {'m/naive':>8}")
-    for r in sorted(index.values(), key=lambda r: (r["batch"], r["classes"], -r["ratio"],
-                                                   r["method"], r["world_size"])):
+             for r in measured if r["method"] != "head"}
+    print(f"{'method':<6} {'W':>2} {'N':>5} {'C':>8} {'r':>4} {'budget':>6} {'rows':>6} "
+          f"{'ms':>9} {'cpu ms':>9} {'extra MiB':>10} {'param MiB':>10} {'t/naive':>8} "
+          f"{'t/floor':>8} {'m/naive':>8}")
+    for r in sorted(measured, key=lambda r: (r["batch"], r["classes"], -r["ratio"],
+                                             r["method"], r["world_size"],
+                                             r.get("logit_budget_mb", 0),
+                                             r.get("unsampled_rows", ""))):
         naive = index.get(("naive", 1, r["batch"], r["classes"], 1.0))
         floor = index.get(("floor", 1, r["batch"], r["classes"], r["ratio"]))
         time_key = "cpu_ms" if r["device"] == "cpu" else "ms"
+        cfg = Config.from_record(r)
+        budget, rows = ((f"{cfg.logit_budget_mb:g}", cfg.unsampled_rows)
+                        if cfg.method == "head" else ("", ""))
 
         def ratio(other: dict[str, Any] | None, key: str, row: dict[str, Any] = r) -> str:
             return f"{row[key] / other[key]:.2f}" if other and row["method"] == "head" else ""
 
         print(f"{r['method']:<6} {r['world_size']:>2} {r['batch']:>5} {r['classes']:>8} "
-              f"{r['ratio']:>4} {r['ms']:>9.1f} {r['cpu_ms']:>9.1f} "
+              f"{r['ratio']:>4} {budget:>6} {rows:>6} {r['ms']:>9.1f} {r['cpu_ms']:>9.1f} "
               f"{r['extra_bytes'] / 2**20:>10.1f} {r['param_bytes'] / 2**20:>10.1f} "
               f"{ratio(naive, time_key):>8} {ratio(floor, time_key):>8} "
               f"{ratio(naive, 'extra_bytes'):>8}")
-    print("t/*: ratio of CPU time per step on CPU (robust to shared cores), of wall time on "
-          "CUDA; m/naive: ratio of peak extra memory. World size 2: per-process maxima.")
+    print("budget: the head's logit_budget_mb (MiB of chunk logits kept for backward); rows: "
+          "its unsampled_rows. t/*: ratio of CPU time per step on CPU (robust to shared "
+          "cores), of wall time on CUDA; m/naive: ratio of peak extra memory. World size 2: "
+          "per-process maxima.")
 
 
 def main() -> None:
@@ -337,6 +376,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0, DEFAULT_LOGIT_BUDGET_MB],
+                        help="the head's logit_budget_mb values (MiB)")
+    parser.add_argument("--policies", nargs="+", choices=("dense", "sparse"),
+                        default=["dense", "sparse"], help="the head's unsampled_rows values")
     parser.add_argument("--methods", nargs="+", default=["head", "floor", "naive", "pml"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     parser.add_argument("--max-gib", type=float, default=20.0)
@@ -354,12 +397,10 @@ def main() -> None:
     for cfg in configs:
         records.append(run(cfg, int(args.max_gib * GIB)))
         if "ms" in records[-1]:
-            print(f"done {cfg.method} world={cfg.world_size} N={cfg.batch} C={cfg.classes} "
-                  f"r={cfg.ratio}: {records[-1]['ms']:.1f} ms", flush=True)
+            print(f"done {describe(cfg)}: {records[-1]['ms']:.1f} ms", flush=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else []
-    fresh = {Config(**{k: r[k] for k in Config.__dataclass_fields__}).key() for r in records}
-    merged = [r for r in previous
-              if Config(**{k: r[k] for k in Config.__dataclass_fields__}).key() not in fresh]
+    fresh = {Config.from_record(r).key() for r in records}
+    merged = [r for r in previous if Config.from_record(r).key() not in fresh]
     merged += records
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merged, indent=1))

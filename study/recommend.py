@@ -34,7 +34,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from study.pareto import Point, run_trial_config
-from workers.evaluation import TAR_AT_FAR, TAR_AT_FAR_STD, THRESHOLD_AT_FAR
+from workers.config import TAR_AT_FAR, TAR_AT_FAR_STD, THRESHOLD_AT_FAR
 
 #: the files ``write_recommendation`` writes
 RECOMMENDED_FILES = ("recommended.yaml", "recommended.md")

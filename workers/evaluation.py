@@ -41,15 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.config import FARS
+from workers.config import FARS, TAR_AT_FAR, TAR_AT_FAR_STD, THRESHOLD_AT_FAR
 from workers.data import LabelledDataset, PairSet
 from workers.head import HeadShard, all_gather_rows, all_reduce_sum, partition_n_into_range
 from workers.seeding import derive_seed
 
-#: metric names at one FAR (``.format(far=far)``): TAR, its fold spread, the threshold
-TAR_AT_FAR = "tar_at_far_{far:.0e}"
-TAR_AT_FAR_STD = "tar_at_far_{far:.0e}_std"
-THRESHOLD_AT_FAR = "threshold_at_far_{far:.0e}"
 #: class statistics of the held-out embeddings, reported as ``heldout_<name>``
 HELDOUT_STATISTICS = ("intra_compactness", "inter_separation_mean", "inter_separation_p99")
 

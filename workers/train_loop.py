@@ -175,6 +175,7 @@ def build_runtime(trial: TrialConfig, rank: int, world_size: int, device: torch.
         sample_ratio=trial.head.sample_ratio, sampling=trial.head.sampling,
         process_group=group, chunk_size=trial.head.chunk_size, seed=trial.seed,
         unsampled_rows=trial.head.unsampled_rows, filter_threshold=trial.head.filter_threshold,
+        logit_budget_mb=trial.head.logit_budget_mb,
     ).to(device)
     optimizer = _build_optimizer(trial, backbone, head)
     head.attach_optimizer(optimizer)

@@ -37,6 +37,8 @@ INIT_STD = 0.01
 #: logits per chunk with ``chunk_size=None``: ≈8 MiB of float32 on CPU (cache-sized), ≈128 MiB
 #: on accelerators (few kernel launches per step)
 AUTO_CHUNK_LOGITS = {"cpu": 2**21, "accelerator": 2**25}
+#: MiB of chunk logits kept from forward for backward by default (``head.logit_budget_mb``)
+DEFAULT_LOGIT_BUDGET_MB = 256
 
 
 def initial_rows(seed: int, start: int, stop: int, dim: int) -> torch.Tensor:
@@ -53,10 +55,6 @@ def initial_rows(seed: int, start: int, stop: int, dim: int) -> torch.Tensor:
         lo, hi = max(start, first), min(stop, first + INIT_BLOCK_ROWS)
         out[lo - start : hi - start] = values[lo - first : hi - first]
     return out
-
-
-def _identity(logits: torch.Tensor) -> torch.Tensor:
-    return logits
 
 
 class SampledSoftmaxHead(nn.Module):
@@ -119,7 +117,10 @@ class SampledSoftmaxHead(nn.Module):
       same chunked Function.
 
     ``chunk_size``: classes per chunk of the log-sum-exp (peak extra memory O(B·chunk + B·D)
-    plus the shard gradient); ``None`` picks ``AUTO_CHUNK_LOGITS / B_global``. Under autocast
+    plus the kept logits and the shard gradient); ``None`` picks ``AUTO_CHUNK_LOGITS / B_global``.
+    ``logit_budget_mb``: MiB (2²⁰ bytes) per rank of chunk logits kept from forward for backward,
+    which then skips those chunks' products ``x @ Ŵ_cᵀ``; the chunks beyond it are recomputed
+    (0: every chunk, memory O(B·chunk) whatever C; see ``ChunkedLSE``). Under autocast
     the embeddings are exchanged and the chunk products run in the autocast dtype, the
     log-sum-exp, the per-row terms and the loss in float32 (float64 inputs stay float64). Do
     not wrap the head in ``DistributedDataParallel``: its
@@ -139,6 +140,7 @@ class SampledSoftmaxHead(nn.Module):
         seed: int = 0,
         unsampled_rows: UnsampledRows = "dense",
         filter_threshold: float = 0.0,
+        logit_budget_mb: float = DEFAULT_LOGIT_BUDGET_MB,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -149,6 +151,8 @@ class SampledSoftmaxHead(nn.Module):
             raise ValueError(f"sample_ratio = {sample_ratio} must be in (0, 1]")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
+        if not 0 <= logit_budget_mb < float("inf"):
+            raise ValueError(f"logit_budget_mb = {logit_budget_mb} must be finite and >= 0")
         if sampling not in ("uniform", "batch"):
             raise ValueError(f"sampling = {sampling!r} must be one of {{'uniform', 'batch'}}")
         if unsampled_rows not in typing.get_args(UnsampledRows):
@@ -159,6 +163,7 @@ class SampledSoftmaxHead(nn.Module):
         self.embedding_dim, self.num_classes, self.loss = embedding_dim, num_classes, loss
         self.sample_ratio, self.sampling, self.chunk_size = sample_ratio, sampling, chunk_size
         self.seed, self.unsampled_rows = seed, unsampled_rows
+        self.logit_budget_mb = logit_budget_mb
         self.filter_threshold, self.subcenters = filter_threshold, int(loss.subcenters)
         rows = initial_rows(seed, self.shard.start, self.shard.stop,
                             embedding_dim * self.subcenters)
@@ -181,7 +186,8 @@ class SampledSoftmaxHead(nn.Module):
         return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
                 f"shard=[{self.shard.start}, {self.shard.stop}), loss={self.loss.describe()}, "
                 f"sample_ratio={self.sample_ratio}, sampling={self.sampling!r}, "
-                f"chunk_size={self.chunk_size}, unsampled_rows={self.unsampled_rows!r}"
+                f"chunk_size={self.chunk_size}, logit_budget_mb={self.logit_budget_mb}, "
+                f"unsampled_rows={self.unsampled_rows!r}"
                 + (f", filter_threshold={self.filter_threshold}" if self.filter_threshold else ""))
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
@@ -279,18 +285,20 @@ class SampledSoftmaxHead(nn.Module):
         """The replicated (B_global,) ``LSE_{j≠y, j sampled}(φ(z_j))`` over every shard (the
         sum of the φ terms for ``loss.reduction = 'sum'``).
 
-        The base-class ``φ(z) = s·z`` is folded into the embeddings, ``s·(x̃·Ŵ) = (s·x̃)·Ŵ``:
-        one pass fewer over the B × K logits in forward and two in backward (not with the
-        inter-class filter, which compares cosines).
+        The base-class ``φ(z) = s·z`` is folded into the embeddings, ``s·(x̃·Ŵ) = (s·x̃)·Ŵ``,
+        and the Function gets plain logits (``phi=None``; not with the inter-class filter,
+        which compares cosines): no φ pass in forward, none through autograd in backward, and
+        a kept chunk needs no pass over its logits at all in backward.
         """
         loss = self.loss
         linear_phi = type(loss).phi is MarginLoss.phi and not self.filter_threshold
         options = LSEOptions(
-            phi=_identity if linear_phi else loss.phi, normalize_weights=loss.normalize_weights,
+            phi=None if linear_phi else loss.phi, normalize_weights=loss.normalize_weights,
             chunk_size=self._chunk_size(x_global), shard=self.shard,
             compute_dtype=self._compute_dtype(x_global),
             sparse_weight_grad=self.unsampled_rows == "sparse", subcenters=self.subcenters,
-            filter_threshold=self.filter_threshold, reduction=loss.reduction)
+            filter_threshold=self.filter_threshold, reduction=loss.reduction,
+            logit_budget_bytes=int(self.logit_budget_mb * 2**20))
         x = x_global * loss.scale_value() if linear_phi else x_global
         if context is not None and loss.context_in_phi:
             return ChunkedLSE.apply(x, self.weight, sample.index, sample.target, options, context)

@@ -26,10 +26,11 @@ def phi_plain(z: torch.Tensor) -> torch.Tensor:
 
 
 def run(x: torch.Tensor, w: torch.Tensor, context: torch.Tensor | None, *, reduction: str,
-        subcenters: int, threshold: float, chunk_size: int = 2) -> torch.Tensor:
+        subcenters: int, threshold: float, chunk_size: int = 2, budget: int = 0) -> torch.Tensor:
     phi = phi_plain if context is None else phi_with_context
     options = LSEOptions(phi, True, chunk_size, SHARD, x.dtype, subcenters=subcenters,
-                         filter_threshold=threshold, reduction=reduction)
+                         filter_threshold=threshold, reduction=reduction,
+                         logit_budget_bytes=budget)
     if context is None:
         return ChunkedLSE.apply(x, w, INDEX, TARGET, options)
     return ChunkedLSE.apply(x, w, INDEX, TARGET, options, context)
@@ -75,14 +76,17 @@ def test_gradcheck(reduction: str, subcenters: int, threshold: float,
                                         eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kept_chunks", [0, 1, 4])
 @pytest.mark.parametrize("chunk_size", [1, 2, 4])
 @pytest.mark.parametrize(("reduction", "subcenters", "threshold", "with_context"), SETTINGS)
 def test_matches_the_dense_formula(reduction: str, subcenters: int, threshold: float,
-                                   with_context: bool, chunk_size: int) -> None:
+                                   with_context: bool, chunk_size: int, kept_chunks: int) -> None:
+    """Every chunk recomputed, the first kept (its B × chunk·K float64 products), all kept."""
     x, w, context = _inputs(subcenters)
     kw = {"reduction": reduction, "subcenters": subcenters, "threshold": threshold}
     c = context if with_context else None
-    got = run(x, w, c, chunk_size=chunk_size, **kw)
+    budget = kept_chunks * len(x) * chunk_size * subcenters * 8
+    got = run(x, w, c, chunk_size=chunk_size, budget=budget, **kw)
     want = dense(x, w, c, **kw)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     inputs = (x, w, context) if with_context else (x, w)

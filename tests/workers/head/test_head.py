@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 import torch
 
+from workers.config import ConfigError, parse_trial_config
 from workers.head import SampledSoftmaxHead, initial_rows, partition_n_into_range
+from workers.head.head import DEFAULT_LOGIT_BUDGET_MB
 from workers.losses import build_loss, get_loss_class, list_losses, reference_loss
 
 DIM, NUM_CLASSES = 6, 11
@@ -196,11 +198,13 @@ def test_attach_optimizer_needs_the_head_weight() -> None:
     assert make_head().attach_optimizer(torch.optim.SGD(head.parameters(), lr=0.1)) == []
 
 
-def test_saved_tensors_have_no_batch_by_classes_term() -> None:
-    """Elements saved for backward (besides the weight itself) grow by O(C), not O(B·C)."""
+def test_saved_tensors_have_no_batch_by_classes_term_beyond_the_budget() -> None:
+    """Elements saved for backward (besides the weight itself) grow by O(C), not O(B·C), with
+    logit budget 0; a budget adds the kept chunks, at most the budget."""
 
-    def saved_elements(num_classes: int) -> int:
-        head = SampledSoftmaxHead(8, num_classes, small_loss("arcface"), chunk_size=32)
+    def saved_elements(num_classes: int, budget_mb: float = 0) -> int:
+        head = SampledSoftmaxHead(8, num_classes, small_loss("arcface"), chunk_size=32,
+                                  logit_budget_mb=budget_mb)
         x = torch.randn(16, 8, requires_grad=True)
         labels = torch.randint(0, num_classes, (16,))
         weight_storage = head.weight.untyped_storage().data_ptr()
@@ -218,6 +222,9 @@ def test_saved_tensors_have_no_batch_by_classes_term() -> None:
 
     small, large = saved_elements(64), saved_elements(4096)
     assert large - small <= 2 * (4096 - 64), (small, large)
+    # 5 of the 128 chunks: each 16 × 32 float32 exponentials (and 16 row maxima)
+    kept = saved_elements(4096, budget_mb=5.5 * 16 * 32 * 4 / 2**20) - large
+    assert kept == 5 * (16 * 32 + 16), kept
 
 
 def test_backward_allocates_one_dense_shard_gradient() -> None:
@@ -247,6 +254,9 @@ def test_initial_rows_independent_of_sharding() -> None:
     ({"sample_ratio": 0.0}, r"^sample_ratio = 0.0 must be in \(0, 1\]$"),
     ({"sample_ratio": 1.5}, r"^sample_ratio = 1.5 must be in \(0, 1\]$"),
     ({"chunk_size": 0}, r"^chunk_size = 0 must be >= 1$"),
+    ({"logit_budget_mb": -1}, r"^logit_budget_mb = -1 must be finite and >= 0$"),
+    ({"logit_budget_mb": float("nan")}, r"^logit_budget_mb = nan must be finite and >= 0$"),
+    ({"logit_budget_mb": float("inf")}, r"^logit_budget_mb = inf must be finite and >= 0$"),
     ({"sampling": "hard"}, r"^sampling = 'hard' must be one of \{'uniform', 'batch'\}$"),
     ({"unsampled_rows": "lazy"}, r"^unsampled_rows = 'lazy' must be one of"),
     ({"num_classes": 0}, r"^num_classes = 0 must be >= the world size 1$"),
@@ -257,6 +267,15 @@ def test_constructor_errors(kwargs: dict, match: str) -> None:
                  **kwargs}
     with pytest.raises(ValueError, match=match):
         SampledSoftmaxHead(**arguments)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, 1 << 21])
+def test_config_logit_budget_out_of_range_is_one_line(value: Any) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_trial_config({"head": {"logit_budget_mb": value}}, "trial.yaml")
+    assert error.value.lines == [f"trial.yaml: head.logit_budget_mb = {value} must be an "
+                                 f"integer in [0, 1048576]"]
+    assert parse_trial_config({}).head.logit_budget_mb == DEFAULT_LOGIT_BUDGET_MB
 
 
 @pytest.mark.parametrize(("embeddings", "labels", "match"), [

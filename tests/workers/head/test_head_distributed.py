@@ -4,7 +4,9 @@ One process group per world size runs every case inside the workers (starting on
 seconds); each rank saves its loss, embedding gradient, shard gradient and sample; the tests
 assemble the ranks and compare with ``reference_loss`` on the concatenated batch and the full
 matrix.
-13 classes never divide evenly over 2 or 3 ranks; float64 throughout.
+13 classes never divide evenly over 2 or 3 ranks; float64 throughout. Every loss runs at three
+logit budgets: the default (every chunk kept at this size), 0 (every chunk recomputed) and one
+that keeps each shard's first chunk only.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ class Case:
     chunk_size: int = 4
     uneven: bool = False
     steps: tuple[int, ...] = (3,)
+    #: ``"default"``, ``"recompute"`` (0) or ``"first-chunk"``
+    budget: str = "default"
 
 
 CASES = (
     [Case(f"{name}-full", name) for name in list_losses()]
+    + [Case(f"{name}-recompute", name, budget="recompute") for name in list_losses()]
+    # sampled at r = 0.7 (UniFace at r = 1: its b₀ depends on r, and the reference has no state)
+    + [Case(f"{name}-first-chunk", name, sample_ratio=1.0 if name == "uniface" else 0.7,
+            uneven=True, budget="first-chunk") for name in list_losses()]
     + [Case(f"{name}-uneven", name, uneven=True)
        for name in ("arcface", "sphereface", "virtual", "dsoftmax", "softmax")]
     + [Case(f"{name}-r0.7", name, sample_ratio=0.7, steps=(3, 4, 3))
@@ -59,6 +67,15 @@ def build_case_loss(name: str) -> Any:
     """The loss ``name`` with scale 8 where it has a scale (well-conditioned float64 parity)."""
     has_scale = any(spec.name == "scale" for spec in get_loss_class(name).hyperparameters())
     return build_loss(name, scale=8.0) if has_scale else build_loss(name)
+
+
+def budget_kwargs(case: Case, loss: Any) -> dict[str, float]:
+    """The head's ``logit_budget_mb`` for ``case``: 1.5 × one chunk's float64 logits (12 rows ×
+    chunk·K) for the first chunk."""
+    if case.budget == "default":
+        return {}
+    chunk_bytes = len(LABELS) * case.chunk_size * loss.subcenters * 8
+    return {"logit_budget_mb": 0 if case.budget == "recompute" else 1.5 * chunk_bytes / 2**20}
 
 
 def case_weight(loss: Any, weight: torch.Tensor) -> torch.Tensor:
@@ -89,9 +106,10 @@ def _worker(rank: int, world_size: int, out_dir: Path) -> None:
         sizes = (UNEVEN_SIZES if case.uneven else EVEN_SIZES)[world_size]
         lo = sum(sizes[:rank])
         rows = slice(lo, lo + sizes[rank])
-        head = SampledSoftmaxHead(DIM, NUM_CLASSES, build_case_loss(case.loss), case.sample_ratio,
-                                  case.sampling, group, case.chunk_size, seed=SEED,
-                                  dtype=torch.float64)
+        loss = build_case_loss(case.loss)
+        head = SampledSoftmaxHead(DIM, NUM_CLASSES, loss, case.sample_ratio, case.sampling, group,
+                                  case.chunk_size, seed=SEED, dtype=torch.float64,
+                                  **budget_kwargs(case, loss))
         with torch.no_grad():
             head.weight.copy_(case_weight(head.loss, weight)[head.shard.start : head.shard.stop])
         steps = []

@@ -5,11 +5,14 @@ gradient and shard gradient, the loss state after each step (identical on every 
 gradient of the replicated loss parameters (UniFace's b) and ElasticFace's per-row margins are
 compared with ``reference_loss`` run step by step on the concatenated batch with one
 ``LossState``. 13 classes never split evenly over 2 or 3 ranks; batches are split unevenly
-([9, 3], [7, 0, 5]: a rank may hold no row); float64 throughout.
+([9, 3], [7, 0, 5]: a rank may hold no row); float64 throughout. The filter cases and UniFace
+also run at logit budget 0 (every chunk recomputed) and at one that keeps each shard's first
+chunk only (the others: the default, every chunk kept).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,17 +48,27 @@ class Case:
     sampling: str = "uniform"
     filter_threshold: float = 0.0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    #: ``"default"``, ``"recompute"`` (0) or ``"first-chunk"``
+    budget: str = "default"
+
+
+BUDGETED = [
+    Case("curricularface-filter", "curricularface", 0.7, filter_threshold=0.3),
+    Case("arcface-filter", "arcface", 0.7, filter_threshold=0.3),
+    Case("subcenter_arcface-k2-filter", "subcenter_arcface", 0.7, filter_threshold=0.2,
+         hyperparameters={"subcenters": 2}),
+    Case("uniface-r0.7", "uniface", 0.7),
+]
 
 
 CASES = (
     [Case(f"{name}-full", name) for name in ZOO]
     + [Case(f"{name}-r0.7", name, sample_ratio=0.7) for name in ZOO]
     + [Case(f"{name}-batch", name, sampling="batch") for name in ZOO]
-    + [Case("curricularface-filter", "curricularface", 0.7, filter_threshold=0.3),
-       Case("arcface-filter", "arcface", 0.7, filter_threshold=0.3),
-       Case("elasticface_arc-plus", "elasticface_arc", hyperparameters={"plus": True}),
-       Case("subcenter_arcface-k2-filter", "subcenter_arcface", 0.7, filter_threshold=0.2,
-            hyperparameters={"subcenters": 2})]
+    + BUDGETED[:3]
+    + [Case("elasticface_arc-plus", "elasticface_arc", hyperparameters={"plus": True})]
+    + [dataclasses.replace(case, name=f"{case.name}-{budget}", budget=budget)
+       for case in BUDGETED for budget in ("recompute", "first-chunk")]
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 
@@ -64,6 +77,15 @@ def case_loss(case: Case) -> Any:
     specs = {spec.name for spec in get_loss_class(case.loss).hyperparameters()}
     kwargs = {"scale": 8.0} if "scale" in specs else {}
     return build_loss(case.loss, **kwargs, **EXTRA.get(case.loss, {}), **case.hyperparameters)
+
+
+def budget_kwargs(case: Case, loss: Any) -> dict[str, float]:
+    """The head's ``logit_budget_mb``: 1.5 × one chunk's float64 logits (12 rows × 4·K) for the
+    first chunk."""
+    if case.budget == "default":
+        return {}
+    chunk_bytes = len(LABELS) * 4 * loss.subcenters * 8
+    return {"logit_budget_mb": 0 if case.budget == "recompute" else 1.5 * chunk_bytes / 2**20}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +119,8 @@ def _worker(rank: int, world_size: int, out_dir: Path) -> None:
         loss = case_loss(case)
         head = SampledSoftmaxHead(DIM, NUM_CLASSES, loss, case.sample_ratio, case.sampling,
                                   group, 4, seed=SEED, dtype=torch.float64,
-                                  filter_threshold=case.filter_threshold)
+                                  filter_threshold=case.filter_threshold,
+                                  **budget_kwargs(case, loss))
         with torch.no_grad():
             head.weight.copy_(centres(loss)[head.shard.start : head.shard.stop])
         steps = []
