@@ -1,5 +1,6 @@
 """Real services for tests: a free port, a tiny study command line, an ``mlflow server``
-process on loopback, a token-authenticated Ray cluster, and stopping what they started."""
+process on loopback, a TCP relay that cuts a service off and restores it, a
+token-authenticated Ray cluster, and stopping what they started."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +88,63 @@ class MlflowServer:
             return
         stop_process_group(self.process)
         self.process = None
+
+
+class TcpRelay:
+    """A TCP relay from ``port`` on 127.0.0.1 to ``target_port``: ``cut`` makes the service
+    unreachable at once (the relay stops listening and closes every open connection) and
+    ``start`` restores it on the same port, without restarting the service behind it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.port = target_port, free_port()
+        self._sockets: list[socket.socket] = []  # the listener and every relayed connection
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Listen on ``port`` and relay each connection (until ``cut``)."""
+        listener = socket.create_server(("127.0.0.1", self.port))
+        with self._lock:
+            self._sockets.append(listener)
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept or recv
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                service = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, service]
+            for source, sink in ((client, service), (service, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        """Copy ``source`` to ``sink`` until either side closes, then close both."""
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            self._sockets = [sock for sock in self._sockets if sock not in (source, sink)]
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump of the other direction
+            sock.close()
 
 
 def wait_for_http(url: str, timeout: float, process: subprocess.Popen[Any] | None = None) -> None:
@@ -206,17 +265,28 @@ def listening_addresses(port: int) -> set[str]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
-def count_child_runs(database: Path, status: str) -> int:
-    """Child runs (runs tagged with a parent) in ``status`` in an MLflow sqlite store; 0 while
-    the store or its tables do not exist yet."""
+def child_trial_ids(database: Path, status: str) -> list[str]:
+    """The Tune trial ids (tag ``marginlab.trial_id``) of the child runs (runs tagged with a
+    parent) in ``status`` in an MLflow sqlite store; none while the store or its tables do not
+    exist yet. Read with sqlite directly: safe to poll while a study writes the store."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    from study.tracking import TRIAL_ID_TAG
+
     if not database.exists():
-        return 0
-    with sqlite3.connect(database) as connection:
+        return []
+    with contextlib.closing(sqlite3.connect(database)) as connection:
         try:
-            return connection.execute(
-                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                "where t.key = ? and r.status = ?", (MLFLOW_PARENT_RUN_ID, status)).fetchone()[0]
+            rows = connection.execute(
+                "select trial.value from runs r "
+                "join tags parent on r.run_uuid = parent.run_uuid and parent.key = ? "
+                "join tags trial on r.run_uuid = trial.run_uuid and trial.key = ? "
+                "where r.status = ?", (MLFLOW_PARENT_RUN_ID, TRIAL_ID_TAG, status)).fetchall()
         except sqlite3.OperationalError:  # tables not created yet
-            return 0
+            return []
+    return [value for (value,) in rows]
+
+
+def count_child_runs(database: Path, status: str) -> int:
+    """How many child runs are in ``status`` (``child_trial_ids``)."""
+    return len(child_trial_ids(database, status))

@@ -31,7 +31,7 @@ from tests.services import (
     listening_addresses,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 STUDY = "on_cluster"
 #: set to a path to keep the MLflow UI screenshot (the README's picture is made this way)
 SCREENSHOT_ENV = "MARGINLAB_UI_SCREENSHOT"

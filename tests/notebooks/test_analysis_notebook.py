@@ -45,6 +45,7 @@ def test_notebook_is_saved_without_outputs() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_notebook_shows_the_front_of_a_study_it_did_not_make(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # where tiny_study_command logs

@@ -44,7 +44,7 @@ def test_sigint_leaves_the_study_resumable_and_resume_agrees_trial_by_trial(
                                  "--concurrent", "1", "--scheduler", "none")
     driver = _run(command, tmp_path / "first")
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 300
         while count_child_runs(database, "RUNNING") < 1:
             assert driver.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial started in time"
@@ -77,7 +77,7 @@ def test_sigint_leaves_the_study_resumable_and_resume_agrees_trial_by_trial(
     assert resume[:2] == ["python", "study/run.py"]
     resumed = _run([sys.executable, *resume[1:]], tmp_path / "second")
     try:
-        resumed.wait(timeout=900)
+        resumed.wait(timeout=500)
     finally:
         stop_process_group(resumed)
     assert resumed.returncode == 0, (tmp_path / "second.err").read_text()[-3000:]

@@ -16,7 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from study.tracking import OUTCOME_TAG
 from tests.services import stop_process_group, study_env, tiny_study_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 EPOCHS = 4
 
 
@@ -53,7 +53,7 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_child_run(tmp_path:
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=study_env(),
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 300
         while not _logged_epochs(client, "worker_killed"):  # epoch 0 is checkpointed
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no epoch was reported in time"
@@ -63,10 +63,9 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_child_run(tmp_path:
         victim = workers[-1]
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
-        assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        assert driver.wait(timeout=500) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
-        if driver.poll() is None:
-            stop_process_group(driver)
+        stop_process_group(driver)  # the driver, or what it left in its process group
         log.close()
 
     experiment = client.get_experiment_by_name("worker_killed")

@@ -11,7 +11,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tests.services import MlflowServer, study_env, tiny_study_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_study_over_http_completes(mlflow_server: MlflowServer, tmp_path: Path) -> None:

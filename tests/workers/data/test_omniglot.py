@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,14 +21,10 @@ from workers.data import (
 )
 from workers.data._omniglot import DEFAULT_PATH, ENV_VAR
 
-OMNIGLOT = resolve_omniglot_path()
-
 
 @pytest.fixture(scope="module")
-def omniglot() -> TensorDataset:
-    if not OMNIGLOT.is_file():
-        pytest.skip(f"omniglot not found at {OMNIGLOT} (set {ENV_VAR} to run these tests)")
-    return load_omniglot(OMNIGLOT, image_size=32)
+def omniglot(omniglot_npz: Path) -> TensorDataset:
+    return load_omniglot(omniglot_npz, image_size=32)
 
 
 def test_alphabet_table_covers_the_background_set() -> None:
@@ -52,8 +50,9 @@ def test_braille_boundaries_match_the_data(omniglot: TensorDataset) -> None:
     assert float(ink[start - 1]) > 0.06 and float(ink[start + 26]) > 0.06
 
 
-def test_heldout_is_whole_alphabets(omniglot: TensorDataset, monkeypatch) -> None:
-    monkeypatch.setenv(ENV_VAR, str(OMNIGLOT))
+def test_heldout_is_whole_alphabets(omniglot: TensorDataset, omniglot_npz: Path,
+                                    monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, str(omniglot_npz))
     split = load_dataset(DataConfig(source="omniglot", heldout_fraction=0.2, seed=4))
     train_ids, heldout_ids = split_identities(alphabet_of_class(), 0.2, seed=4)
     groups = alphabet_of_class()

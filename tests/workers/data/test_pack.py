@@ -24,7 +24,6 @@ from workers.data import (
     load_dataset,
     open_shards,
     parse_data_config,
-    resolve_omniglot_path,
     write_recordio,
 )
 from workers.data.pack import main
@@ -132,9 +131,8 @@ def test_image_folder_round_trip(tmp_path: Path) -> None:
     assert open_shards(output / "manifest.json").manifest.heldout.classes == 2
 
 
+@pytest.mark.usefixtures("omniglot_npz")  # the checked file, which --input defaults to
 def test_omniglot_holds_out_whole_alphabets(tmp_path: Path) -> None:
-    if not resolve_omniglot_path().is_file():
-        pytest.skip(f"omniglot npz not found at {resolve_omniglot_path()}")
     output = tmp_path / "shards"
     assert main(["--source", "omniglot", "--output", str(output), "--image-size", "16"]) == 0
     manifest = check_shards(output).manifest
