@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from study.pareto import completed_points, non_dominated
+from study.pareto import completed_points, non_dominated, run_trial_config
 from study.run import UsageError, build_parser, options_from_args, resume_command
 from study.tracking import OUTCOME_TAG, TRIAL_ID_TAG
+from tests.baselines import assert_learned, assert_loss_falls, logged_epoch_losses
 from workers.config import parse_trial_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +43,17 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+#: this machine's CPUs, the local cluster a study without --ray-address checks against
+CPUS = os.cpu_count() or 1
+#: Train workers of 0.45 CPUs that do not fit on this machine
+TOO_MANY_WORKERS = 4 * CPUS
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--trials", "0"], "error: --trials = 0 must be an integer ≥ 1"),
-    (["--workers", "9"], "error: --workers = 9 × --cpus-per-worker = 0.45 + 0.1 per trial "
-                         "needs 4.15 CPUs; the cluster has"),
+    (["--workers", str(TOO_MANY_WORKERS)],
+     f"error: --workers = {TOO_MANY_WORKERS} × --cpus-per-worker = 0.45 + 0.1 per trial needs "
+     f"{TOO_MANY_WORKERS * 0.45 + 0.1:g} CPUs; the cluster has {CPUS}\n"),
     (["--sampler", "cmaes"], "error: --sampler = 'cmaes' must be one of ['tpe', 'nsga2', "
                              "'random', 'grid']"),
     (["--tracking-uri", "./mlruns"], "error: --tracking-uri = './mlruns' must be "
@@ -60,26 +67,21 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
      "error: /nonexistent: not found (data.source = 'image_folder')"),
     (["--resume"], "error: --resume needs --name"),
 ])
-def test_bad_flag_fails_fast_before_ray(args: list[str], expected: str, tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_bad_flag_fails_before_ray(args: list[str], expected: str, tmp_path: Path) -> None:
     process = _run([*args, "--storage", str(tmp_path)] if "--storage" not in args else args)
-    elapsed = time.perf_counter() - started
     assert process.returncode == 2, process.stderr[-2000:]
     assert expected in process.stderr, process.stderr
     assert "Started a local Ray instance" not in process.stderr
-    assert elapsed < 5.0, f"took {elapsed:.1f} s"
 
 
-def test_bad_space_file_lists_every_error_fast(tmp_path: Path) -> None:
+def test_bad_space_file_lists_every_error(tmp_path: Path) -> None:
     space = tmp_path / "bad.yaml"
     space.write_text(yaml.safe_dump({
         "version": 1, "name": "bad", "loss": "arcface",
         "params": {"loss.margin": {"distribution": "uniform", "low": 0.2, "high": 1.7},
                    "head.sample_ratio": {"distribution": "uniform", "low": 0.0, "high": 1.0}}},
         sort_keys=False))
-    started = time.perf_counter()
     process = _run(["--space", str(space), "--storage", str(tmp_path)])
-    assert time.perf_counter() - started < 5.0
     assert process.returncode == 2
     lines = process.stderr.strip().splitlines()
     assert lines == [
@@ -113,17 +115,41 @@ def test_grid_sampler_validates_trials_and_params_before_ray(tmp_path: Path) -> 
         options_from_args(args)
 
 
+#: the learning rates of the ASHA study's spaces: one learns, the other leaves the network as
+#: it was initialised (at the first rung: verification accuracy ≈ 0.68 against ≈ 0.57)
+LEARNS, STALLS = 0.1, 1e-4
+
+
+def _spaces_with_a_stalling_lr(folder: Path) -> list[str]:
+    """The shipped normface and arcface spaces, with ``optim.lr`` a choice of ``LEARNS`` or
+    ``STALLS``."""
+    paths = []
+    for name in ("normface", "arcface"):
+        space = yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())
+        space["params"]["optim.lr"] = {"distribution": "categorical", "choices": [LEARNS, STALLS]}
+        paths.append(folder / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(space, sort_keys=False))
+    return [str(path) for path in paths]
+
+
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 4-trial, 2-space study (ASHA on), run in this process."""
+    """A 4-trial, 2-space study with ASHA, one trial at a time, run in this process.
+
+    TPE's seed 3 asks arcface at ``LEARNS``, then ``STALLS`` twice, then normface at ``LEARNS``.
+    ASHA's first rung (epoch 1 of 2) stops a trial below the median of the trials recorded
+    there before it: the two stalled trials trail it (the learnt one; the learnt and the first
+    stalled one) and are pruned for certain; the last trial is above it and completes.
+    """
     import ray
 
     from study.driver import run_study
 
     home = tmp_path_factory.mktemp("study")
     args = build_parser().parse_args([
-        "--space", "normface", "arcface", "--trials", "4", "--epochs", "2", "--seed", "3",
-        "--name", "four", "--storage", str(home / "studies"),
+        "--space", *_spaces_with_a_stalling_lr(home), "--trials", "4", "--epochs", "2",
+        "--seed", "3", "--concurrent", "1", "--name", "four",
+        "--storage", str(home / "studies"),
         "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}", *SMALL])
     options = options_from_args(args)
     try:
@@ -171,11 +197,29 @@ def test_pruned_trials_stay_off_the_front_and_out_of_optuna_completes(
                                                 f"'{result.parent_run_id}'")
     outcomes = [c.data.tags[OUTCOME_TAG] for c in children]
     assert len(study.trials) == 4
-    assert states.count(optuna.trial.TrialState.COMPLETE) == outcomes.count("complete")
-    assert states.count(optuna.trial.TrialState.PRUNED) == outcomes.count("pruned")
+    assert states.count(optuna.trial.TrialState.COMPLETE) == outcomes.count("complete") == 2
+    assert states.count(optuna.trial.TrialState.PRUNED) == outcomes.count("pruned") == 2
+    pruned = [c for c in children if c.data.tags[OUTCOME_TAG] == "pruned"]
+    assert all(c.info.status == "KILLED" and c.data.params["optim.lr"] == str(STALLS)
+               for c in pruned)
     complete_ids = {c.info.run_id for c in children
                     if c.data.tags[OUTCOME_TAG] == "complete"}
     assert {p["run_id"] for p in result.front} <= complete_ids
+
+
+@pytest.mark.slow
+def test_best_trial_beats_its_untrained_network(finished_study: dict) -> None:
+    """The best completed trial's loss fell epoch by epoch, and it beats the untrained network
+    of its own config (its ``trial.yaml``) and seed (measured: loss 15.6 → 7.4, verification
+    0.56 → 0.79)."""
+    result, client = finished_study["result"], finished_study["client"]
+    completed = client.search_runs(
+        [result.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{result.parent_run_id}' "
+                      f"AND tags.`{OUTCOME_TAG}` = 'complete'")
+    best = max(completed, key=lambda run: run.data.metrics["verification_accuracy"])
+    assert_loss_falls(logged_epoch_losses(client, best.info.run_id), 0.7)
+    assert_learned(run_trial_config(client, best.info.run_id), best.data.metrics, 0.1)
 
 
 @pytest.mark.slow
@@ -200,11 +244,20 @@ def test_exported_config_runs_through_workers_train(finished_study: dict,
     assert config.loss.name in ("normface", "arcface")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     process = subprocess.run(
-        [sys.executable, "-m", "workers.train", "--config", str(exported), "--epochs", "1",
+        [sys.executable, "-m", "workers.train", "--config", str(exported),
          "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
         env=env)
     assert process.returncode == 0, process.stderr[-3000:]
     assert (tmp_path / "out" / "class_centres" / "manifest.json").is_file()
+    # the config's epochs, each kept in a checkpoint beside its metrics (measured as in the
+    # study: loss 15.6 → 7.4, verification 0.56 → 0.79)
+    storage = tmp_path / "out" / "ray_storage" / "train"
+    epochs = sorted((json.loads(path.read_text())
+                     for path in storage.glob("checkpoint_*/metrics.json")),
+                    key=lambda metrics: metrics["epoch"])
+    assert [metrics["epoch"] for metrics in epochs] == list(range(config.epochs))
+    assert_loss_falls([metrics["loss"] for metrics in epochs], 0.7)
+    assert_learned(config, epochs[-1], 0.1)
 
 
 def test_resume_command_repeats_the_flags_with_resume_and_name() -> None:
@@ -256,3 +309,28 @@ def test_set_values_are_read_as_config_files_are(tmp_path: Path) -> None:
         ["--storage", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
          "--set", "optim.lr=1e-3", "--set", "optim.weight_decay=5E-5"]))
     assert options.base["optim"] == {"lr": 1e-3, "weight_decay": 5e-5}
+
+
+@pytest.mark.slow
+def test_the_data_is_loaded_once_per_study_and_every_trial_shares_it(
+        finished_study: dict) -> None:
+    """One data section, loaded once by the driver: the parent counts one shared split and
+    every trial's workers report that they used it instead of loading their own."""
+    client, result = finished_study["client"], finished_study["result"]
+    assert client.get_run(result.parent_run_id).data.metrics["datasets_shared"] == 1
+    children = client.search_runs(
+        [result.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{result.parent_run_id}'")
+    assert [child.data.metrics["dataset_shared"] for child in children] == [1.0] * 4
+
+
+@pytest.mark.slow
+def test_the_time_breakdown_accounts_for_every_trials_wall_time(finished_study: dict) -> None:
+    """Each phase is measured on its own (the workers' timings, MLflow's arrival times); their
+    sum is each trial's wall time within 5 %."""
+    from study.analysis import PHASES, load_study, time_breakdown
+
+    options = finished_study["options"]
+    table = time_breakdown(load_study(options.tracking_uri, options.name))
+    assert len(table) == 4 and (table[list(PHASES[:-1])] >= 0).all().all()
+    assert ((table["other"].abs() / table["wall"]) <= 0.05).all(), table.to_string()
+    assert (table["train"] > 0).all() and (table["startup"] > 0).all()

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.baselines import assert_learned, assert_loss_falls, kept_epoch_losses
 from tests.workers.data._data_helpers import assert_one_line, random_jpegs
 from workers.config import TrialConfig, parse_trial_config
 from workers.data import (
@@ -23,7 +24,6 @@ from workers.data import (
 from workers.data.pack import main as pack_main
 from workers.data.pack import pack
 from workers.train import build_trainer
-from workers.train_loop import build_runtime, evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -56,7 +56,6 @@ def _trial(path: Path, **overrides: Any) -> TrialConfig:
 def test_two_workers_learn_from_ray_data_shards(ray_local: Any, packed_faces: Path,
                                                 tmp_path: Path) -> None:
     trial = _trial(packed_faces)
-    untrained = evaluate(build_runtime(trial, 0, 1, torch.device("cpu"), None))
     result = build_trainer(trial, tmp_path, name="shards").fit()
     metrics = result.metrics
     assert result.error is None and metrics["diverged"] == 0
@@ -68,9 +67,9 @@ def test_two_workers_learn_from_ray_data_shards(ray_local: Any, packed_faces: Pa
     assert metrics["step"] == 2 * steps
     assert 0.0 <= metrics["data_wait_fraction"] < 1.0
     assert metrics["samples_per_second"] > 0
-    # the same seed's untrained network is near chance; training moved it well above
-    assert metrics["verification_accuracy"] > untrained["verification_accuracy"] + 0.1, (
-        metrics["verification_accuracy"], untrained["verification_accuracy"])
+    # measured: loss 8.9 → 1.0, verification 0.80 (the same seed's untrained network) → 0.97
+    assert_loss_falls(kept_epoch_losses(result), 0.5)
+    assert_learned(trial, metrics, 0.1)
 
 
 def test_corrupt_image_stops_the_first_read_with_one_line(ray_local: Any,

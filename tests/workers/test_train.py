@@ -1,4 +1,5 @@
-"""``python -m workers.train``: a config file end to end, and bad input before Ray starts."""
+"""``python -m workers.train``: a config file end to end (an image folder, sparse head updates,
+a resume at another worker count), and bad input before Ray starts."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import pytest
 import torch
 import yaml
 
+from tests.baselines import assert_learned, assert_loss_falls
 from workers import train as workers_train
 from workers.config import parse_trial_config
+from workers.data import synthetic_identities
+from workers.data.pack import encoded_image
 from workers.head import read_head_manifest
 from workers.train_loop import build_runtime, save_checkpoint
 
@@ -36,9 +40,29 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=env)
 
 
-def test_workers_train_cli_runs_a_config_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``root/<identity>/<n>.png``: 144 synthetic identities × 12 grayscale PNGs."""
+    root = tmp_path_factory.mktemp("faces")
+    faces = synthetic_identities(144, 12, image_size=32, seed=0)
+    for index, label in enumerate(faces.labels.tolist()):
+        folder = root / f"id{label:03d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{index}.png").write_bytes(encoded_image(faces, index))
+    return root
+
+
+def test_workers_train_cli_runs_a_config_end_to_end(image_folder: Path, tmp_path: Path) -> None:
+    # 48 of the 144 identities held out: 96 classes; half of them sampled per step, and only
+    # the sampled rows (and their momentum) updated, from a sparse gradient
+    trial = parse_trial_config({
+        **CONFIG, "head": {"sample_ratio": 0.5, "unsampled_rows": "sparse"},
+        "loss": {"name": "arcface", "hyperparameters": {"scale": 32.0, "margin": 0.3}},
+        "optim": {"lr": 0.1, "warmup_epochs": 0.2},
+        "data": {"source": "image_folder", "path": str(image_folder), "image_size": 32,
+                 "channels": 1, "heldout_fraction": 0.33}})
     config = tmp_path / "trial.yaml"
-    config.write_text(parse_trial_config(CONFIG).to_yaml())
+    config.write_text(trial.to_yaml())
     output = tmp_path / "out"
     process = _run("--config", str(config), "--workers", "2", "--output", str(output))
     assert process.returncode == 0, process.stderr[-3000:]
@@ -66,8 +90,14 @@ def test_workers_train_cli_runs_a_config_end_to_end(tmp_path: Path) -> None:
     process = _run("--config", str(config), "--workers", "1", "--epochs", "2",
                    "--output", str(resumed), "--resume-from", str(checkpoint))
     assert process.returncode == 0, process.stderr[-3000:]
-    assert json.loads((resumed / "metrics.json").read_text())["epoch"] == 1
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["epoch"] == 1
     assert read_head_manifest(resumed / "class_centres", 96, 64).world_size == 1
+    # an epoch at 2 workers, then one at 1 worker from its checkpoint (measured: loss
+    # 14.9 → 9.7, verification 0.66 untrained → 0.77)
+    first = json.loads((output / "metrics.json").read_text())
+    assert_loss_falls([first["loss"], metrics["loss"]], 0.8)
+    assert_learned(trial, metrics, 0.05)
 
 
 def test_cli_rejects_a_bad_config_before_ray(tmp_path: Path) -> None:
