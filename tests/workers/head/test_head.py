@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,67 @@ def test_forward_errors(embeddings: torch.Tensor, labels: torch.Tensor, match: s
 def test_no_hard_coded_device_in_workers() -> None:
     workers = Path(__file__).resolve().parents[3] / "workers"
     assert [path for path in workers.rglob("*.py") if ".cuda()" in path.read_text()] == []
+
+
+def reference_weight_gradient(head: SampledSoftmaxHead, x: torch.Tensor, labels: torch.Tensor,
+                              step: int) -> torch.Tensor:
+    """The dense C × D gradient of ``reference_loss`` on the classes the head sampled."""
+    w_ref = head.weight.detach().clone().requires_grad_()
+    reference_loss(head.loss, x, w_ref, labels, step=step, classes=head.last_sample).backward()
+    return w_ref.grad
+
+
+@pytest.mark.parametrize("unsampled_rows", ["dense", "frozen"])
+def test_dense_gradient_buffer_is_reused_and_exact_across_steps(unsampled_rows: str) -> None:
+    """On CPU at r < 1 the dense policies' gradient lives in one reused buffer: every step's
+    gradient equals the reference's, rows sampled only by an earlier step (or written by the
+    user in place) are zero again, and no C × D tensor is allocated after the first step."""
+    head = make_head(sample_ratio=0.4, unsampled_rows=unsampled_rows)
+    storage, samples = None, []
+    for step in range(4):
+        x, labels = make_batch(seed=step)
+        head(x, labels, step=step).backward()
+        assert head.weight.grad.layout == torch.strided
+        torch.testing.assert_close(head.weight.grad,
+                                   reference_weight_gradient(head, x, labels, step),
+                                   rtol=0, atol=1e-10)
+        storage = storage or head.weight.grad.data_ptr()
+        assert head.weight.grad.data_ptr() == storage
+        samples.append(set(head.last_sample.tolist()))
+        head.weight.grad.add_(1.0)  # a user's in-place edit, e.g. manual weight decay
+        head.zero_grad(set_to_none=True)
+    assert any(earlier - later for earlier, later in itertools.pairwise(samples))
+    assert head.held_gradient_bytes == NUM_CLASSES * DIM * 8
+
+
+def test_dense_gradient_buffer_accumulates_micro_batches() -> None:
+    """Two backward passes without a reset (gradient accumulation) sum into the buffer, as
+    with a fresh dense gradient; ``zero_grad(set_to_none=False)`` zeroes it in place."""
+    head = make_head(sample_ratio=0.4)
+    expected = torch.zeros_like(head.weight)
+    for step in range(2):
+        x, labels = make_batch(seed=step)
+        head(x, labels, step=step).backward()
+        expected += reference_weight_gradient(head, x, labels, step)
+    torch.testing.assert_close(head.weight.grad, expected, rtol=0, atol=1e-10)
+    head.zero_grad(set_to_none=False)
+    x, labels = make_batch(seed=5)
+    head(x, labels, step=5).backward()
+    torch.testing.assert_close(head.weight.grad, reference_weight_gradient(head, x, labels, 5),
+                               rtol=0, atol=1e-10)
+
+
+def test_substituted_or_copied_weight_gets_a_fresh_dense_gradient() -> None:
+    """Only the Parameter whose hook fills the buffer gets a sparse LSE gradient: a deep copy
+    of the head, or a weight passed through ``functional_call``, gets a dense one as before."""
+    import copy
+
+    head = make_head(sample_ratio=0.4)
+    x, labels = make_batch()
+    clone = copy.deepcopy(head)
+    clone(x, labels, step=1).backward()
+    assert clone.weight.grad.layout == torch.strided and clone.held_gradient_bytes == 0
+    weight = head.weight.detach().clone().requires_grad_()
+    torch.func.functional_call(head, {"weight": weight}, (x, labels, 1)).backward()
+    assert weight.grad.layout == torch.strided and head.held_gradient_bytes == 0
+    torch.testing.assert_close(weight.grad, clone.weight.grad, rtol=0, atol=0)
