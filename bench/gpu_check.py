@@ -199,7 +199,9 @@ def step_records(rows: int, dim: int, batch: int, device: torch.device) -> list[
             records.append({"step": policy, "status": "unavailable", "reason": reason})
             continue
         step, head, optimizer = policy_step(policy, rows, dim, batch, RATIO, device)
-        figures = {**measure_step(step, "memory", cuda), **measure_step(step, "time", cuda)}
+        memory = measure_step(step, "memory", cuda,
+                              held_bytes=lambda head=head: head.held_gradient_bytes)
+        figures = {**memory, **measure_step(step, "time", cuda)}
         records.append({"step": policy, "status": "ok", **figures,
                         "state_bytes": state_bytes(head, optimizer)})
         del step, head, optimizer

@@ -131,10 +131,11 @@ def state_bytes(head: SampledSoftmaxHead, optimizer: torch.optim.Optimizer) -> i
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def measure_step(step: Callable[[], None], mode: str, cuda: bool,
-                 repeats: int = 3) -> dict[str, float]:
+def measure_step(step: Callable[[], None], mode: str, cuda: bool, repeats: int = 3,
+                 held_bytes: Callable[[], int] = lambda: 0) -> dict[str, float]:
     """After a warm-up step: ``time`` → best wall and CPU ms of ``repeats`` steps;
-    ``memory`` → the peak bytes of one step above what was allocated before it."""
+    ``memory`` → the peak bytes of one step above what was allocated before it, plus
+    ``held_bytes()``: what the step keeps between steps (the head's reused CPU gradient)."""
     step()
     if mode == "memory":
         baseline = reset_peak(cuda)
@@ -142,7 +143,7 @@ def measure_step(step: Callable[[], None], mode: str, cuda: bool,
         if cuda:
             torch.cuda.synchronize()
         return {"extra_bytes": (torch.cuda.max_memory_allocated() if cuda else peak_rss())
-                - baseline}
+                - baseline + held_bytes()}
     walls, cpus = [], []
     for _ in range(repeats):
         if cuda:
@@ -270,7 +271,8 @@ def step_worker(case: dict[str, Any]) -> dict[str, Any]:
         return result
     step, head, optimizer = policy_step(name, case["classes"], case["dim"], case["batch"],
                                         case["ratio"], device)
-    result = measure_step(step, case["mode"], device.startswith("cuda"))
+    result = measure_step(step, case["mode"], device.startswith("cuda"),
+                          held_bytes=lambda: head.held_gradient_bytes)
     return {**result, "state_bytes": state_bytes(head, optimizer)}
 
 
