@@ -226,6 +226,42 @@ def _schedule(trial: TrialConfig, total_steps: int, steps_per_epoch: int) -> Any
     return factor
 
 
+class HeadClock:
+    """Seconds this rank spends in the head per epoch: from the embeddings entering the head
+    to their gradient leaving it (forward, the head's backward and its collectives, which
+    autograd runs before the backbone's backward). CUDA: events, read once per epoch;
+    elsewhere the host clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[list[Any]] = []
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def watch(self, embeddings: torch.Tensor) -> None:
+        """Start a span now; it ends when autograd has the gradient of ``embeddings``."""
+        span = [self._now(), None]
+        self.spans.append(span)
+
+        def stop(_: torch.Tensor) -> None:
+            span[1] = self._now()
+
+        embeddings.register_hook(stop)
+
+    def seconds(self) -> float:
+        """Total seconds of the finished spans."""
+        done = [(start, end) for start, end in self.spans if end is not None]
+        if self.cuda and done:
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in done) / 1e3
+        return sum(end - start for start, end in done)
+
+
 def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager[Any]:
     precision = runtime.config.resources.precision
     if precision == "fp32":
@@ -245,6 +281,7 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
     # on the host: seconds spent waiting for the next batch
     sums = torch.zeros(6, dtype=torch.float64, device=runtime.device)
     data_wait = 0.0
+    head_clock = HeadClock(runtime.device)
     started = time.perf_counter()
     for _ in range(runtime.steps_per_epoch):
         waiting = time.perf_counter()
@@ -259,6 +296,7 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
             with (contextlib.nullcontext() if sync else runtime.model.no_sync()), \
                     _autocast(runtime):
                 embeddings = runtime.model(micro_images)
+                head_clock.watch(embeddings)
                 # the head's products follow the autocast dtype; its LSE and loss stay float32
                 loss = head(embeddings, micro_labels, step=runtime.step * accumulation + micro)
             runtime.scaler.scale(loss / accumulation).backward()
@@ -280,7 +318,8 @@ def train_epoch(runtime: Runtime, epoch: int) -> dict[str, float]:
         runtime.scheduler.step()
         runtime.step += 1
     elapsed = time.perf_counter() - started
-    return _epoch_metrics(runtime, epoch, sums, runtime.steps_per_epoch, elapsed, data_wait)
+    return _epoch_metrics(runtime, epoch, sums, runtime.steps_per_epoch, elapsed, data_wait,
+                          head_clock.seconds())
 
 
 def epoch_source(runtime: Runtime, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -330,14 +369,15 @@ def _clip_gradients(runtime: Runtime, max_norm: float | None) -> float:
 
 
 def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
-                   elapsed: float, data_wait: float) -> dict[str, float]:
+                   elapsed: float, data_wait: float, head_seconds: float) -> dict[str, float]:
     """Reduce per-rank sums once per epoch and add the analytic compute and communication.
 
     ``data_wait_fraction``: the share of the epoch's step time the training loop spent blocked
-    on its next batch, averaged over the ranks.
+    on its next batch, averaged over the ranks. ``head_seconds_per_step`` (``HeadClock``) and
+    ``head_time_fraction`` (its share of the step time): measured, averaged over the ranks.
     """
     trial = runtime.config
-    totals = torch.cat([sums, sums.new_tensor([data_wait / max(elapsed, 1e-9)])])
+    totals = torch.cat([sums, sums.new_tensor([data_wait / max(elapsed, 1e-9), head_seconds])])
     if runtime.world_size > 1:
         dist.all_reduce(totals)
     totals = totals.cpu()
@@ -364,6 +404,8 @@ def _epoch_metrics(runtime: Runtime, epoch: int, sums: torch.Tensor, steps: int,
                                                            runtime.backbone_parameters),
         "samples_per_second": samples / max(elapsed, 1e-9),
         "data_wait_fraction": float(totals[6]) / runtime.world_size,
+        "head_seconds_per_step": float(totals[7]) / runtime.world_size / max(1, steps),
+        "head_time_fraction": float(totals[7]) / runtime.world_size / max(elapsed, 1e-9),
         "epoch_train_seconds": elapsed,
         "grad_norm": float(totals[5]) / runtime.world_size / max(1, steps),
         "lr": float(runtime.optimizer.param_groups[0]["lr"]),

@@ -125,7 +125,8 @@ EXPECTED_METRICS = {
     "heldout_inter_separation_p99", "centre_inter_separation_mean", "samples_per_second",
     "epoch_train_seconds", "eval_seconds", "head_flops_per_sample", "head_bytes_per_step",
     "ddp_bytes_per_step", "peak_memory_bytes", "sampled_classes", "grad_norm", "epoch", "step",
-    "restarts", "pairs0_verification_accuracy", "pairs0_roc_auc",
+    "restarts", "pairs0_verification_accuracy", "pairs0_roc_auc", "head_seconds_per_step",
+    "head_time_fraction",
 }
 
 
@@ -150,6 +151,8 @@ def test_two_workers_learn_omniglot_and_its_pair_set(ray_local: Any, omniglot_pa
     # every class of the 2 shards sampled: K = C, D = 64
     assert metrics["head_flops_per_sample"] == pytest.approx(8 * 64 * classes)
     assert metrics["head_bytes_per_step"] > 0 and metrics["peak_memory_bytes"] > 1e7
+    # the head's measured share of the step: some of it, not all (the backbone runs too)
+    assert 0 < metrics["head_time_fraction"] < 1 and metrics["head_seconds_per_step"] > 0
     directory = Path(result.checkpoint.path)
     state = torch.load(directory / CHECKPOINT_FILE, weights_only=False)
     manifest = read_head_manifest(directory / HEAD_DIR, classes, 64)
