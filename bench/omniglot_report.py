@@ -416,11 +416,36 @@ OMNIGLOT_DATA = ("Omniglot background set; training alphabets vs held-out alphab
 DEFAULT_DATA = {"omniglot": OMNIGLOT_DATA, "glyphs": "font glyphs"}
 
 
-def campaign_section(uri: str, campaign: Campaign, images: Path, relative: str) -> list[str]:
+KEPT = ("*Kept from an earlier generation of this document: this campaign's studies are not in "
+        "the store it was generated from. Its command below regenerates it.*")
+
+
+def previous_sections(doc: Path) -> dict[str, list[str]]:
+    """The sections of an earlier generation of ``doc``, by their ``# `` title."""
+    sections: dict[str, list[str]] = {}
+    title = None
+    for line in doc.read_text().splitlines() if doc.is_file() else []:
+        if line.startswith("# "):
+            title = line[2:]
+            sections[title] = []
+        if title is not None:
+            sections[title].append(line)
+    return sections
+
+
+def campaign_section(uri: str, campaign: Campaign, images: Path, relative: str,
+                     previous: dict[str, list[str]] | None = None) -> list[str]:
     """The campaign's header (command, revision, versions, wall time, budget, data, scope) and
-    one table, verdicts and plots per question, from the store at ``uri``."""
+    one table, verdicts and plots per question, from the store at ``uri``. A campaign the store
+    lacks keeps its section from ``previous`` (an earlier generation), marked as kept."""
     runs, parents = load_runs(uri, campaign)
     lines = [f"# {campaign.title}", ""]
+    kept = (previous or {}).get(campaign.title, [])
+    if not parents and any(line.startswith("- command:") for line in kept):
+        body = [line for line in kept[1:] if line != KEPT]
+        while body and not body[0]:
+            body.pop(0)
+        return [*lines, KEPT, "", *body]
     if not parents:
         return [*lines, f"Not in this store: `python bench/omniglot_report.py --campaign "
                         f"{campaign.name}` runs it.", ""]
@@ -478,7 +503,7 @@ def campaign_section(uri: str, campaign: Campaign, images: Path, relative: str) 
 def write_report(uri: str, doc: Path, images: Path,
                  campaigns: Sequence[Campaign] = CAMPAIGNS) -> Path:
     """``doc`` and its PNGs (in ``images``) from the MLflow store at ``uri``: one section per
-    campaign, the latest first."""
+    campaign, the latest first (a campaign the store lacks keeps ``doc``'s earlier section)."""
     relative = os.path.relpath(images, doc.parent)
     lines = [
         "# Results: which intra- and inter-class settings buy accuracy for compute",
@@ -488,8 +513,9 @@ def write_report(uri: str, doc: Path, images: Path,
         "the command that ran it, its budget and what it cost.",
         "",
     ]
+    previous = previous_sections(doc)
     for campaign in reversed(campaigns):
-        lines += campaign_section(uri, campaign, images, relative)
+        lines += campaign_section(uri, campaign, images, relative, previous)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
     return doc

@@ -203,3 +203,22 @@ def test_points_that_saw_the_same_classes_are_named() -> None:
     assert report.same_classes(summary) == [
         "- r=0.03, batch: the same 61.5 classes per step — the batch's positives, always kept, "
         "outnumber the sampled fraction"]
+
+
+def test_a_campaign_the_store_lacks_keeps_its_earlier_section(tmp_path: Path) -> None:
+    """Regenerating from a store with one campaign keeps another campaign's section from the
+    document's earlier generation (marked as kept, once), and never invents one."""
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    _fill_store(first, [report.CAMPAIGNS[0]])
+    doc = report.write_report(first, tmp_path / "results.md", tmp_path / "images")
+    one_epoch = doc.read_text()[doc.read_text().index("# Omniglot, one epoch"):]
+    second = f"sqlite:///{tmp_path / 'second.db'}"
+    _fill_store(second, [report.CAMPAIGNS[2]])
+    for _ in range(2):
+        text = report.write_report(second, doc, tmp_path / "images").read_text()
+        kept = text[text.index("# Omniglot, one epoch"):]
+        assert kept.count(report.KEPT) == 1
+        assert kept.replace(report.KEPT + "\n\n", "").rstrip() == one_epoch.rstrip()
+    assert "## glyphs · q2_partial_fc:" in text
+    assert "Not in this store: `python bench/omniglot_report.py --campaign omniglot-12-epochs`" \
+        in text
