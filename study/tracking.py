@@ -8,7 +8,9 @@ logit), ``inter.*`` (what shapes the negatives), ``head.*``, ``optim.*``, then `
 
 Tracking-store trouble: every write is retried with exponential back-off; a write that still
 fails is kept in an in-memory queue, in order, and flushed before the next write and at the end
-of the study — so a Tune result is never dropped while the store is briefly unreachable.
+of the study — so a Tune result is never dropped while the store is briefly unreachable. A
+trial that starts during an outage gets a ``RunHandle``: opening its run waits in the same
+queue, ahead of every write that names the handle.
 """
 
 from __future__ import annotations
@@ -78,32 +80,56 @@ def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
             and not isinstance(value, bool)}
 
 
+class RunHandle:
+    """A run whose MLflow id is known once the queued operation that opens it has reached the
+    store; a write may name the handle in place of the id."""
+
+    __slots__ = ("run_id",)
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+
+
+def _resolved(value: Any) -> Any:
+    return value.run_id if isinstance(value, RunHandle) else value
+
+
 class RetryingClient:
     """``MlflowClient`` calls with back-off, and an ordered queue for writes that still fail."""
 
     def __init__(self, tracking_uri: str, attempts: int = 4, first_delay: float = 0.5) -> None:
         self.client = MlflowClient(tracking_uri)
         self.attempts, self.first_delay = attempts, first_delay
-        self.pending: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        #: (name, one attempt at the operation), oldest first
+        self.pending: list[tuple[str, Callable[[], Any]]] = []
+
+    def _send(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One attempt at ``client.method(*args, **kwargs)``, run handles replaced by ids."""
+        return getattr(self.client, method)(*map(_resolved, args),
+                                            **{k: _resolved(v) for k, v in kwargs.items()})
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``client.method(*args)`` now, retrying; raises after the last attempt."""
-        return _retry(lambda: getattr(self.client, method)(*args, **kwargs), self.attempts,
-                      self.first_delay)
+        return _retry(lambda: self._send(method, args, kwargs), self.attempts, self.first_delay)
 
     def write(self, method: str, *args: Any, **kwargs: Any) -> None:
         """A write that must not be lost: flush the queue, then write (queueing on failure)."""
-        self.pending.append((method, args, kwargs))
+        self.enqueue(method, lambda: self._send(method, args, kwargs))
+
+    def enqueue(self, name: str, operation: Callable[[], Any]) -> None:
+        """Like ``write``, for any operation on the store (one attempt per call of
+        ``operation``; retried like a write)."""
+        self.pending.append((name, operation))
         self.flush(raise_errors=False)
 
     def flush(self, raise_errors: bool = True) -> None:
         """Send queued writes in order; stop at the first that still fails."""
         while self.pending:
-            method, args, kwargs = self.pending[0]
+            name, operation = self.pending[0]
             try:
-                self.call(method, *args, **kwargs)
+                _retry(operation, self.attempts, self.first_delay)
             except Exception as error:
-                logger.warning("MLflow write %s deferred (%d queued): %s", method,
+                logger.warning("MLflow write %s deferred (%d queued): %s", name,
                                len(self.pending), error)
                 if raise_errors:
                     raise
@@ -130,7 +156,7 @@ class ChildRunCallback(tune.Callback):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self._client: RetryingClient | None = None
-        self.run_ids: dict[str, str] = {}
+        self.runs: dict[str, RunHandle] = {}
         #: the last epoch logged per trial: a restarted trial's repeated results are skipped
         self.logged_epoch: dict[str, int] = {}
 
@@ -141,54 +167,60 @@ class ChildRunCallback(tune.Callback):
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment
-        return {**self.__dict__, "_client": None}
+        # a run whose opening is still queued is opened again by the restored callback
+        runs = {trial_id: run for trial_id, run in self.runs.items() if run.run_id}
+        return {**self.__dict__, "_client": None, "runs": runs}
 
-    def _run_id(self, trial: Any) -> str:
-        trial_id = trial.trial_id
-        if trial_id in self.run_ids:
-            return self.run_ids[trial_id]
-        existing = self.client.call(
-            "search_runs", [self.experiment_id],
+    def _run(self, trial: Any) -> RunHandle:
+        """The trial's run; the first call queues opening it, then its params and config
+        (idempotent when a resumed study finds the run again)."""
+        run = self.runs.get(trial.trial_id)
+        if run is None:
+            run = self.runs[trial.trial_id] = RunHandle()
+            self.client.enqueue("open_run", lambda: self._open(trial, run))
+            config = trial.config
+            params = [Param(k, v) for k, v in side_params(config["trial"]).items()]
+            for start in range(0, len(params), 100):
+                self.client.write("log_batch", run, params=params[start:start + 100])
+            self.client.write("log_text", run,
+                              yaml.safe_dump(config["trial"], sort_keys=False), "trial.yaml")
+        return run
+
+    def _open(self, trial: Any, run: RunHandle) -> None:
+        """One attempt to find the trial's child run (a resumed study) or create it."""
+        client, trial_id = self.client.client, trial.trial_id
+        existing = client.search_runs(
+            [self.experiment_id],
             filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
                           f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'")
         if existing:
             run_id = existing[0].info.run_id
-            history = self.client.call("get_metric_history", run_id, "epoch")
-            self.logged_epoch[trial_id] = max((int(m.value) for m in history), default=-1)
-            self.client.write("update_run", run_id, status="RUNNING")
-        else:
-            run_id = self._create(trial)
-        self.run_ids[trial_id] = run_id
-        return run_id
-
-    def _create(self, trial: Any) -> str:
-        config = trial.config
-        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TRIAL_ID_TAG: trial.trial_id,
-                STUDY_TAG: self.study_name, SPACE_TAG: config.get("space_name", ""),
-                MLFLOW_RUN_NAME: f"{config.get('space_name', 'trial')}-{trial.trial_id}"}
-        run = self.client.call("create_run", self.experiment_id, tags=tags,
-                               run_name=tags[MLFLOW_RUN_NAME])
-        run_id = run.info.run_id
-        params = [Param(k, v) for k, v in side_params(config["trial"]).items()]
-        for start in range(0, len(params), 100):
-            self.client.write("log_batch", run_id, params=params[start:start + 100])
-        self.client.write("log_text", run_id, yaml.safe_dump(config["trial"], sort_keys=False),
-                          "trial.yaml")
-        return run_id
+            history = client.get_metric_history(run_id, "epoch")
+            self.logged_epoch[trial_id] = max(
+                [int(m.value) for m in history] + [self.logged_epoch.get(trial_id, -1)])
+            client.update_run(run_id, status="RUNNING")
+            run.run_id = run_id
+            return
+        space = trial.config.get("space_name", "")
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TRIAL_ID_TAG: trial_id,
+                STUDY_TAG: self.study_name, SPACE_TAG: space,
+                MLFLOW_RUN_NAME: f"{space or 'trial'}-{trial_id}"}
+        run.run_id = client.create_run(self.experiment_id, tags=tags,
+                                       run_name=tags[MLFLOW_RUN_NAME]).info.run_id
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run_id(trial)
+        self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        run_id = self._run_id(trial)
+        run = self._run(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if step <= self.logged_epoch.get(trial.trial_id, -1):
             return  # a resumed trial repeating an epoch MLflow already holds
         self.logged_epoch[trial.trial_id] = step
         timestamp = int(time.time() * 1000)
         metrics = [Metric(k, v, timestamp, step) for k, v in numeric_metrics(result).items()]
-        self.client.write("log_batch", run_id, metrics=metrics)
+        self.client.write("log_batch", run, metrics=metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, trial_outcome(trial.last_result, False,
@@ -198,14 +230,14 @@ class ChildRunCallback(tune.Callback):
         self._finish(trial, "failed")
 
     def _finish(self, trial: Any, outcome: str) -> None:
-        run_id = self._run_id(trial)
+        run = self._run(trial)
         tags = [RunTag(OUTCOME_TAG, outcome)]
         if outcome == "diverged":
             step = (trial.last_result or {}).get("diverged_step", "")
             tags += [RunTag("diverged", "true"), RunTag("diverged_step", str(step))]
-        self.client.write("log_batch", run_id, tags=tags)
+        self.client.write("log_batch", run, tags=tags)
         status = {"complete": "FINISHED", "pruned": "KILLED"}.get(outcome, "FAILED")
-        self.client.write("set_terminated", run_id, status=status)
+        self.client.write("set_terminated", run, status=status)
 
     def on_experiment_end(self, trials: Iterable[Any], **info: Any) -> None:
         self.client.flush()

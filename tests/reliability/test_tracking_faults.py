@@ -23,11 +23,12 @@ from tests.services import (
     tiny_study_command,
 )
 
-#: one trial (a trial starting while the store is down cannot open its run), three epochs: the
-#: store is cut off after the first is logged, while the others are still to come
+#: two trials one after the other, three epochs each: the store is cut off after the first
+#: trial's first epoch is logged, and restored once the second trial has started without it
 EPOCHS = 3
-#: what the driver logs when a write failed its retries and waits in the queue
-DEFERRED = "MLflow write log_batch deferred"
+#: what the driver logs when a write, or opening a trial's run, failed its retries and waits
+#: in the queue
+DEFERRED, OPEN_DEFERRED = "MLflow write log_batch deferred", "MLflow write open_run deferred"
 
 
 def _refused(command: list[str]) -> str:
@@ -62,12 +63,14 @@ def test_unwritable_storage_is_refused_up_front(tmp_path: Path, storage: str) ->
 def test_tracking_outage_mid_study_queues_writes_loses_none_and_logs_no_secret(
         tmp_path: Path) -> None:
     """The store is cut off (connections refused) from the first logged epoch until the driver
-    has deferred a write, then restored: every epoch reaches MLflow exactly once."""
+    has deferred a write and a trial has started (its run cannot be opened), then restored:
+    both trials have one run each and every epoch reaches MLflow exactly once."""
     server = MlflowServer(tmp_path / "server")
     relay = TcpRelay(server.port)
     uri = f"http://alice:hunter2@127.0.0.1:{relay.port}"  # the server ignores credentials
-    command = tiny_study_command("outage", tmp_path, "--space", "cosface", "--trials", "1",
-                                 "--epochs", str(EPOCHS), "--scheduler", "none",
+    command = tiny_study_command("outage", tmp_path, "--space", "cosface", "--trials", "2",
+                                 "--concurrent", "1", "--epochs", str(EPOCHS),
+                                 "--scheduler", "none",
                                  "--tracking-uri", uri,
                                  "--set", "data.samples_per_identity=24")  # epochs of seconds
     # MLflow's own HTTP retries would hold a write for minutes instead of letting it queue
@@ -87,6 +90,9 @@ def test_tracking_outage_mid_study_queues_writes_loses_none_and_logs_no_secret(
             relay.cut()  # the trial still has EPOCHS - 1 epochs to report
             _wait_until(lambda: DEFERRED in log_path.read_text(), driver, log_path,
                         "no write was deferred while the store was unreachable", timeout=120)
+            _wait_until(lambda: OPEN_DEFERRED in log_path.read_text(), driver, log_path,
+                        "the second trial did not start while the store was unreachable",
+                        timeout=300)
             relay.start()
             assert driver.wait(timeout=300) == 0, log_path.read_text()[-3000:]
         finally:
@@ -94,11 +100,14 @@ def test_tracking_outage_mid_study_queues_writes_loses_none_and_logs_no_secret(
 
         experiment = client.get_experiment_by_name("outage")
         runs = client.search_runs([experiment.experiment_id])
-        (child,) = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
-        assert child.data.tags[OUTCOME_TAG] == "complete" and child.info.status == "FINISHED"
-        for metric in ("epoch", "verification_accuracy", "loss"):
-            history = client.get_metric_history(child.info.run_id, metric)
-            assert sorted(m.step for m in history) == list(range(EPOCHS)), metric
+        children = [r for r in runs if MLFLOW_PARENT_RUN_ID in r.data.tags]
+        assert len(children) == 2
+        for child in children:
+            assert child.data.tags[OUTCOME_TAG] == "complete"
+            assert child.info.status == "FINISHED" and child.data.params["head.loss"] == "cosface"
+            for metric in ("epoch", "verification_accuracy", "loss"):
+                history = client.get_metric_history(child.info.run_id, metric)
+                assert sorted(m.step for m in history) == list(range(EPOCHS)), metric
         for run in runs:
             logged = {**run.data.params, **run.data.tags}
             assert not any("hunter2" in f"{k}{v}" for k, v in logged.items())
