@@ -194,7 +194,7 @@ class SampledSoftmaxHead(nn.Module):
         #: ``id`` of the Parameter whose hook fills it: a weight substituted by
         #: ``torch.func.functional_call``, or a deep copy's, gets a dense gradient as before
         self._gradient_buffer: torch.Tensor | None = None
-        self._densified_weight = None
+        self._densified_weight: int | None = None
         if unsampled_rows != "sparse":
             self.weight.register_post_accumulate_grad_hook(self._densify_gradient)
             self._densified_weight = id(self.weight)
