@@ -213,7 +213,10 @@ CAMPAIGNS = (
         "this class count, as it is for a ResNet at millions of identities; Q1 runs ArcFace's "
         "full head only (the r = 1.0 baseline of Q2). "
         "`head ms/step` is the head's measured forward and backward per step "
-        "(`head_seconds_per_step`) and `peak MiB` the process's peak memory.",
+        "(`head_seconds_per_step`, wall clock, two trials sharing the 2 cores); `process peak MiB` is the "
+        "worker's peak RSS, which counts whatever the process touched (the shared dataset's "
+        "pages too) and so varies between seeds: the head's own memory per step is what "
+        "`bench/head.py` measures.",
         prefix="glyphs_", data="glyphs", spaces=((Q1, ("arcface",)),), tar_verdicts=True),
 )
 CAMPAIGN_BY_NAME = {campaign.name: campaign for campaign in CAMPAIGNS}
@@ -383,7 +386,7 @@ def question_table(summary: pd.DataFrame, question: Question, tar: str | None) -
     """The markdown table of a question's points, with ratios to its baseline."""
     base = summary.loc[question.baseline] if question.baseline in summary.index else None
     lines = [f"| point | seeds | accuracy | {tar or 'TAR'} | head FLOPs/sample | sampled classes "
-             f"| epoch train s | head ms/step | peak MiB | FLOPs vs {question.baseline} "
+             f"| epoch train s | head ms/step | process peak MiB | FLOPs vs {question.baseline} "
              f"| time vs {question.baseline} | intra compactness | inter separation |",
              "|" + "---|" * 13]
     for label, row in summary.iterrows():
