@@ -213,8 +213,9 @@ CAMPAIGNS = (
         "this class count, as it is for a ResNet at millions of identities; Q1 runs ArcFace's "
         "full head only (the r = 1.0 baseline of Q2). "
         "`head ms/step` is the head's measured forward and backward per step "
-        "(`head_seconds_per_step`, wall clock, two trials sharing the 2 cores); `process peak MiB` is the "
-        "worker's peak RSS, which counts whatever the process touched (the shared dataset's "
+        "(`head_seconds_per_step`, wall clock, two trials sharing the 2 cores); "
+        "`process peak MiB` is the worker's peak RSS, which counts whatever the process "
+        "touched (the shared dataset's "
         "pages too) and so varies between seeds: the head's own memory per step is what "
         "`bench/head.py` measures.",
         prefix="glyphs_", data="glyphs", spaces=((Q1, ("arcface",)),), tar_verdicts=True),
