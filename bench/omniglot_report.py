@@ -551,8 +551,8 @@ def glyph_data(glyphs: Path) -> str:
             f"{manifest['identities']} --seed {manifest['seed']} --styles-min "
             f"{manifest['styles_min']} --styles-max {manifest['styles_max']} --size "
             f"{manifest['size']}`): {manifest['identities']} identities, {manifest['images']} "
-            f"images from {len(manifest['fonts'])} font faces; {heldout} identities held out "
-            "for verification")
+            f"images from {sum(1 for face in manifest['fonts'] if face['images'])} font faces; "
+            f"{heldout} identities held out for verification")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,7 +68,8 @@ def glyph_folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "manifest.json").write_text(json.dumps({
         "identities": 10000, "seed": 0, "styles_min": 12, "styles_max": 0, "size": 64,
-        "images": 303209, "fonts": [{}] * 30, "split": {"heldout": [0] * 2000},
+        "images": 303209, "fonts": [{"images": 9}] * 30 + [{"images": 0}],
+        "split": {"heldout": [0] * 2000},
         "data": {"source": "recordio", "path": str(path), "seed": 0, "heldout_fraction": 0.2,
                  "image_size": 64, "channels": 1}}))
     return path
@@ -92,6 +93,8 @@ def test_study_commands_run_every_grid_point_once_on_their_data(tmp_path: Path) 
     assert command[command.index("--data-path") + 1] == str(folder / "train.rec")
     assert "data.heldout_fraction=0.2" in command and "data.channels=1" in command
     assert _command_trials(glyphs, "q1_margins", tmp_path, glyphs=folder) == 2
+    assert "10000 identities, 303209 images from 30 font faces; 2000 identities held out" in \
+        report.glyph_data(folder)
 
 
 def test_bad_campaign_input_is_one_line_before_any_study(tmp_path: Path,
